@@ -1,0 +1,72 @@
+"""BEiT-3 tokenizer: a SentencePiece model mapped to fairseq/XLM-R ids.
+
+ids = ``[0] + [piece_id + 1, or 3 for the unknown piece] + [2]``, truncated to ``max_len`` keeping
+the final 2, right-padded with 1. Built on ``sentencepiece`` directly (REFERENCE.md explains why
+not transformers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+_SPM_UNK = 0  # the unknown piece of an XLM-R style SentencePiece model
+
+
+class Tokenizer:
+    """Turn expressions into BEiT-3 token ids and a padding mask.
+
+    Args:
+        model_file: path of a SentencePiece model (``beit3.spm`` for the pretrained encoders).
+        max_len: fixed output length L, including the begin and end tokens.
+    """
+
+    def __init__(self, model_file: str | Path, max_len: int = 40) -> None:
+        import sentencepiece as spm
+
+        self.model_file = Path(model_file)
+        if not self.model_file.is_file():
+            raise FileNotFoundError(f"tokenizer model {self.model_file} does not exist")
+        if max_len < 2:
+            raise ValueError(f"max_len must be at least 2 (begin and end tokens), got {max_len}")
+        self.max_len = max_len
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{self.model_file} is not a SentencePiece model ({e})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids this tokenizer can emit (pieces shifted by one, plus the 4 specials)."""
+        return max(self.sp.get_piece_size() + 1, UNK_ID + 1)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of one expression, truncated to ``max_len`` (not padded)."""
+        pieces = self.sp.encode(text, out_type=int)
+        ids = [BOS_ID] + [p + 1 if p != _SPM_UNK else UNK_ID for p in pieces] + [EOS_ID]
+        if len(ids) > self.max_len:
+            ids = ids[: self.max_len - 1] + [EOS_ID]
+        return ids
+
+    def __call__(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Tokenize a batch.
+
+        Args:
+            texts: a list of expressions (a single string is a batch of one).
+        Returns:
+            ids (B, max_len) long, padding mask (B, max_len) bool with True = padding.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"text {i} is a {type(t).__name__} ({t!r}), expected a str")
+        ids = torch.full((len(texts), self.max_len), PAD_ID, dtype=torch.long)
+        for row, t in enumerate(texts):
+            enc = self.encode(t)
+            ids[row, : len(enc)] = torch.tensor(enc, dtype=torch.long)
+        return ids, ids == PAD_ID
