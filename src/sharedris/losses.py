@@ -1,0 +1,51 @@
+"""Mask loss for referring segmentation: weighted binary cross-entropy plus soft Dice."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    bce_weight: float = 2.0,
+    dice_weight: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """Compute ``bce_weight * BCE + dice_weight * Dice`` for one-channel mask logits.
+
+    BCE is the mean over all pixels of the batch. Dice is ``1 - (2Σpt + 1) / (Σp + Σt + 1)``
+    per sample on ``p = sigmoid(logits)``, averaged over the batch; the +1 keeps it defined
+    (and 0 for an all-negative prediction) when the target is empty. Everything runs in
+    float32, also under autocast, because half-precision sums over large masks lose pixels.
+
+    Args:
+        logits: ``Bx1xHxW`` float mask logits.
+        target: ``Bx1xHxW`` or ``BxHxW`` ground-truth masks, bool or float in ``[0, 1]``.
+        bce_weight: weight of the BCE term.
+        dice_weight: weight of the Dice term.
+
+    Returns:
+        ``{"loss": weighted sum, "bce": BCE, "dice": Dice}``, each a float32 scalar tensor;
+        ``bce`` and ``dice`` are unweighted.
+    """
+    if logits.dim() != 4 or logits.shape[1] != 1:
+        raise ValueError(f"logits must be Bx1xHxW, got shape {tuple(logits.shape)}")
+    if target.dim() == 3:
+        target = target.unsqueeze(1)  # (B, 1, H, W)
+    if target.shape != logits.shape:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}; "
+            "resize the target to the logits' resolution (Bx1xHxW or BxHxW)"
+        )
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits = logits.float()
+        target = target.float()
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        probs = logits.sigmoid().flatten(1)  # (B, H*W)
+        target = target.flatten(1)  # (B, H*W)
+        overlap = (probs * target).sum(dim=1)  # (B,)
+        dice = 1 - (2 * overlap + 1) / (probs.sum(dim=1) + target.sum(dim=1) + 1)
+        dice = dice.mean()
+        loss = bce_weight * bce + dice_weight * dice
+    return {"loss": loss, "bce": bce, "dice": dice}
