@@ -223,3 +223,13 @@ def test_weight_decay_and_layer_ids():
     assert enc.layer_id("patch_embed.weight") == 0
     assert enc.layer_id("blocks.1.qkv.A.weight") == 2
     assert enc.layer_id("norm.B.bias") == CFG.depth + 1
+
+
+def test_conv_stem_keeps_the_token_grid():
+    cfg = BEiT3Config.tiny(image_size=64, patch_size=8, depth=1, embed_dim=32, num_heads=2, mlp_dim=64,
+                           vocab_size=50, stem="conv")
+    enc = BEiT3(cfg)
+    image, ids, pad = _inputs(cfg)
+    assert enc(image, ids, pad).shape == (2, 8 * 8 + 1 + 8, 32)
+    with pytest.raises(ValueError, match="power-of-two"):
+        BEiT3(BEiT3Config.tiny(image_size=96, patch_size=12, stem="conv"))

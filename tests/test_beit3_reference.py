@@ -1,40 +1,21 @@
 """Numerical parity of our BEiT-3 encoder with Microsoft's torchscale reference implementation.
 
-torchscale is a test-only dependency (installed with --no-deps, see README). It imports
-``timm.models.layers.drop_path``; timm drags in torchvision, which does not import beside the CPU
-torch, so the one function is provided by a stand-in module.
+torchscale is a test-only dependency (installed with --no-deps, see README); a missing install is a
+failure, not a skip, because this is the check that our encoder is BEiT-3.
 """
-
-import sys
-import types
 
 import pytest
 import torch
 
 from sharedris.modeling.beit3 import BEiT3, BEiT3Config, resample_vision_positions
-
-
-def _import_torchscale():
-    if "timm.models.layers" not in sys.modules:
-        timm, models, layers = (types.ModuleType(n) for n in ("timm", "timm.models", "timm.models.layers"))
-        layers.drop_path = lambda x, drop_prob=0.0, training=False: x  # only used with drop_path_rate=0
-        sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers})
-    try:
-        from torchscale.architecture.config import EncoderConfig
-        from torchscale.model.BEiT3 import BEiT3 as ReferenceBEiT3
-    except ImportError as e:  # a failure, not a skip: the parity check must run
-        pytest.fail(f"the reference needs `pip install --no-deps torchscale==0.3.0 fairscale==0.4.0` ({e})")
-    return EncoderConfig, ReferenceBEiT3
+from sharedris.reference import torchscale_beit3
 
 
 def _reference(image_size: int):
-    EncoderConfig, ReferenceBEiT3 = _import_torchscale()
-    # the configuration unilm's BEiT-3 code builds for the base model
-    args = EncoderConfig(img_size=image_size, patch_size=16, vocab_size=64010, multiway=True,
-                         layernorm_embedding=False, normalize_output=True, no_output_layer=True,
-                         encoder_embed_dim=768, encoder_attention_heads=12, encoder_ffn_embed_dim=3072,
-                         encoder_layers=12)
-    return ReferenceBEiT3(args).eval()
+    try:
+        return torchscale_beit3(BEiT3Config.base(image_size=image_size)).eval()
+    except ImportError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ class BEiT3Config:
     layernorm_eps: float = 1e-5
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
+    stem: str = "patch"  # "patch": one Conv2d (official); "conv": stride-2 3x3 convs (tiny, from scratch)
 
     @classmethod
     def base(cls, image_size: int = 224, **overrides) -> "BEiT3Config":
@@ -83,6 +84,28 @@ class CheckpointError(ValueError):
     """A weights file that cannot be loaded; the message says why and what to do."""
 
 
+def _build_stem(cfg: BEiT3Config) -> nn.Module:
+    """Image (B, C, H, W) -> patch features (B, D, H/p, W/p)."""
+    if cfg.stem == "patch":
+        return nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+    if cfg.stem != "conv":
+        raise ValueError(f"unknown stem {cfg.stem!r}; use 'patch' or 'conv'")
+    stages = int(math.log2(cfg.patch_size))
+    if 2**stages != cfg.patch_size:
+        raise ValueError(f"a conv stem needs a power-of-two patch size, got {cfg.patch_size}")
+    # A few strided 3x3 convs see overlapping neighbourhoods, which a model trained from scratch
+    # on little data learns much faster than from disjoint 16x16 patches. Widths ramp up to D.
+    layers: list[nn.Module] = []
+    ch = cfg.in_chans
+    for i in range(stages):
+        out = cfg.embed_dim if i == stages - 1 else max(cfg.embed_dim // 2 ** (stages - 1 - i), 16)
+        layers.append(nn.Conv2d(ch, out, kernel_size=3, stride=2, padding=1))
+        if i < stages - 1:
+            layers += [nn.GroupNorm(1, out, eps=cfg.layernorm_eps), nn.GELU()]
+        ch = out
+    return nn.Sequential(*layers)
+
+
 class BEiT3(nn.Module):
     """BEiT-3 encoder over an image and a batch of token ids.
 
@@ -97,7 +120,7 @@ class BEiT3(nn.Module):
         self.cfg = cfg
         D = cfg.embed_dim
         self.text_embed = nn.Embedding(cfg.vocab_size, D)
-        self.patch_embed = nn.Conv2d(cfg.in_chans, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = _build_stem(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed_vision = nn.Parameter(torch.zeros(cfg.num_vision_tokens + POSITION_OFFSET, D))
         self.pos_embed_text = nn.Parameter(torch.zeros(cfg.max_text_positions, D))
