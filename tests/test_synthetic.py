@@ -1,0 +1,265 @@
+"""Tests for the synthetic referring scenes and their refer-format writer."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from sharedris.data.synthetic import (
+    COLOUR_JITTER,
+    COLOURS,
+    FAMILIES,
+    MARGIN,
+    NOISE,
+    SHAPES,
+    SIZE_RATIO,
+    SPLITS,
+    SyntheticRefScenes,
+    write_refer_format,
+)
+
+SIZE = 160
+PER_FAMILY = 24  # samples checked per family: enough to meet every template and direction often
+
+
+def _centroid(labels: np.ndarray, k: int) -> np.ndarray:
+    """Centre of object k measured on the drawn pixels, independent of the generator's metadata."""
+    ys, xs = np.nonzero(labels == k + 1)
+    return np.array([xs.mean(), ys.mean()])
+
+
+def _areas(sample: dict[str, Any]) -> list[int]:
+    return [int((sample["labels"] == k + 1).sum()) for k in range(len(sample["objects"]))]
+
+
+def _same_shape(sample: dict[str, Any]) -> list[int]:
+    shape = sample["objects"][sample["target"]]["shape"]
+    return [k for k, o in enumerate(sample["objects"]) if o["shape"] == shape]
+
+
+def test_same_arguments_give_identical_samples_and_splits_differ() -> None:
+    a = SyntheticRefScenes("train", size=SIZE, length=6, seed=3)
+    b = SyntheticRefScenes("train", size=SIZE, length=1000, seed=3)  # a sample must not depend on length
+    for i in range(6):
+        x, y = a[i], b[i]
+        assert x["image"].tobytes() == y["image"].tobytes()
+        assert np.array_equal(x["mask"], y["mask"])
+        assert (x["text"], x["family"], x["objects"]) == (y["text"], y["family"], y["objects"])
+    images = {a[0]["image"].tobytes()}
+    for split in SPLITS:
+        images.add(SyntheticRefScenes(split, size=SIZE, length=1, seed=3)[0]["image"].tobytes())
+    images.add(SyntheticRefScenes("train", size=SIZE, length=1, seed=4)[0]["image"].tobytes())
+    assert len(images) == len(SPLITS) + 1  # every split and the other seed give new scenes
+
+
+def test_sample_structure() -> None:
+    ds = SyntheticRefScenes("val", size=SIZE, length=12)
+    assert len(ds) == 12
+    for i in range(len(ds)):
+        s = ds[i]
+        assert s["image"].mode == "RGB" and s["image"].size == (SIZE, SIZE)
+        assert s["mask"].dtype == bool and s["mask"].shape == (SIZE, SIZE)
+        assert s["family"] in FAMILIES and s["text"] == s["texts"][0] and s["text"].strip()
+        assert len(s["texts"]) == len(set(s["texts"]))
+        assert 3 <= len(s["objects"]) <= 6
+        assert np.array_equal(s["mask"], s["labels"] == s["target"] + 1)
+        assert s["mask"].sum() >= 0.01 * SIZE * SIZE
+        assert set(np.unique(s["labels"])) == set(range(len(s["objects"]) + 1))  # all visible
+        for k, obj in enumerate(s["objects"]):
+            x, y, w, h = obj["bbox"]
+            inside = np.zeros_like(s["mask"])
+            inside[y : y + h, x : x + w] = True
+            own = s["labels"] == k + 1
+            assert own.sum() == obj["area"] and not (own & ~inside).any()
+            assert own[y, :].any() and own[y + h - 1, :].any() and own[:, x].any() and own[:, x + w - 1].any()
+    assert ds[-1]["text"] == ds[len(ds) - 1]["text"]
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_masks_are_exactly_the_drawn_object_pixels() -> None:
+    ds = SyntheticRefScenes("train", size=SIZE, length=10, seed=1)
+    for i in range(len(ds)):
+        s = ds[i]
+        pixels = np.asarray(s["image"]).astype(int)
+        spread = pixels.max(axis=2) - pixels.min(axis=2)
+        # The background is grey, every object colour is saturated: colour marks exactly the objects.
+        assert spread[s["labels"] == 0].max() < 50
+        assert spread[s["labels"] > 0].min() > 50
+        for k, obj in enumerate(s["objects"]):
+            rgb = np.array(obj["rgb"])
+            assert np.abs(rgb - np.array(COLOURS[obj["colour"]])).max() <= COLOUR_JITTER
+            assert np.abs(pixels[s["labels"] == k + 1] - rgb).max() <= NOISE
+
+
+def _check_colour_shape(s: dict[str, Any]) -> None:
+    objs, target = s["objects"], s["objects"][s["target"]]
+    assert target["colour"] in s["text"] and target["shape"] in s["text"]
+    pairs = [(o["colour"], o["shape"]) for o in objs]
+    assert pairs.count((target["colour"], target["shape"])) == 1
+    assert sum(o["colour"] == target["colour"] for o in objs) >= 2  # colour alone is not enough
+    assert sum(o["shape"] == target["shape"] for o in objs) >= 2  # nor is shape
+
+
+def _check_size(s: dict[str, Any]) -> None:
+    cands, areas, t = _same_shape(s), _areas(s), s["target"]
+    others = [areas[k] for k in cands if k != t]
+    assert len(cands) in (2, 3) and len({s["objects"][k]["colour"] for k in cands}) == 1
+    ratio = SIZE_RATIO**2 * 0.95  # area ratio, with slack for rasterisation
+    if "small" in s["text"]:
+        assert all(a >= ratio * areas[t] for a in others)
+    else:
+        assert re.search(r"\b(big|bigger|biggest|large|larger|largest)\b", s["text"])
+        assert all(areas[t] >= ratio * a for a in others)
+    if re.search(r"\b(smaller|bigger|larger|two)\b", s["text"]):
+        assert len(cands) == 2
+    # Another object of the target's colour has the target's size class: "the small red one" fails.
+    colour = s["objects"][t]["colour"]
+    same_colour = [k for k, o in enumerate(s["objects"]) if o["colour"] == colour and k not in cands]
+    assert any(min(areas[k], areas[t]) * ratio > max(areas[k], areas[t]) for k in same_colour)
+
+
+def _check_position(s: dict[str, Any]) -> None:
+    cands, t, text = _same_shape(s), s["target"], s["text"]
+    assert len(cands) in (2, 3) and len({s["objects"][k]["colour"] for k in cands}) == 1
+    xy = {k: _centroid(s["labels"], k) for k in cands}
+    if "left" in text:
+        key = {k: xy[k][0] for k in cands}
+    elif "right" in text:
+        key = {k: -xy[k][0] for k in cands}
+    elif re.search(r"\b(top|topmost|highest)\b", text):
+        key = {k: xy[k][1] for k in cands}
+    elif re.search(r"\b(bottom|lowest)\b", text):
+        key = {k: -xy[k][1] for k in cands}
+    else:
+        assert re.search(r"\b(middle|centre|central)\b", text)
+        key = {k: float(np.linalg.norm(xy[k] - SIZE / 2)) for k in cands}
+    runner_up = min(v for k, v in key.items() if k != t)
+    assert runner_up - key[t] >= MARGIN * SIZE - 1.0  # one pixel of slack: centroid vs polygon centre
+
+
+def _check_relation(s: dict[str, Any]) -> None:
+    objs, t, a = s["objects"], s["target"], s["anchor"]
+    cands = _same_shape(s)
+    anchor = objs[a]
+    assert s["text"].endswith(f"the {anchor['colour']} {anchor['shape']}")
+    assert [(o["colour"], o["shape"]) for o in objs].count((anchor["colour"], anchor["shape"])) == 1
+    assert a not in cands and len(cands) in (2, 3) and len({objs[k]["colour"] for k in cands}) == 1
+    centre = _centroid(s["labels"], a)
+    dist = {k: float(np.linalg.norm(_centroid(s["labels"], k) - centre)) for k in cands}
+    others = [d for k, d in dist.items() if k != t]
+    if re.search(r"\b(far|farthest|furthest)\b", s["text"]):
+        assert dist[t] - max(others) >= MARGIN * SIZE - 1.0
+    else:
+        assert re.search(r"\b(closest|next|nearest)\b", s["text"])
+        assert min(others) - dist[t] >= MARGIN * SIZE - 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_refers_to_exactly_the_target(family: str) -> None:
+    check = {
+        "colour_shape": _check_colour_shape,
+        "size": _check_size,
+        "position": _check_position,
+        "relation": _check_relation,
+    }[family]
+    ds = SyntheticRefScenes("test", size=SIZE, length=PER_FAMILY, seed=2, families=[family])
+    for i in range(len(ds)):
+        s = ds[i]
+        assert s["family"] == family and s["mask"].any()
+        assert (s["anchor"] is not None) == (family == "relation")
+        target = s["objects"][s["target"]]
+        for text in s["texts"]:  # every phrasing names the target's shape
+            assert re.search(rf"\b{target['shape']}s?\b", text)
+        for text in s["texts"]:
+            check({**s, "text": text})
+
+
+def test_shuffle_texts_moves_texts_between_samples_and_keeps_masks() -> None:
+    plain = SyntheticRefScenes("train", size=SIZE, length=16, seed=5)
+    shuffled = SyntheticRefScenes("train", size=SIZE, length=16, seed=5, shuffle_texts=True)
+    a, b = [plain[i] for i in range(16)], [shuffled[i] for i in range(16)]
+    for x, y in zip(a, b):
+        assert np.array_equal(x["mask"], y["mask"]) and x["image"].tobytes() == y["image"].tobytes()
+    assert sorted(x["text"] for x in a) == sorted(y["text"] for y in b)  # a permutation of the split
+    assert sum(x["text"] != y["text"] for x, y in zip(a, b)) >= 12
+
+
+def test_bad_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="valid splits: train, val, test, testA, testB"):
+        SyntheticRefScenes("training")
+    with pytest.raises(ValueError, match="families"):
+        SyntheticRefScenes("train", families=["colour"])
+    with pytest.raises(ValueError, match="families"):
+        SyntheticRefScenes("train", families=[])
+
+
+class _NoGlobals(pickle.Unpickler):
+    """Refs must be plain builtins: refuse to load any class or function."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"global {module}.{name} refused")
+
+
+def _rasterise(segmentation: list[list[float]], size: int) -> np.ndarray:
+    canvas = Image.new("1", (size, size))
+    for polygon in segmentation:
+        ImageDraw.Draw(canvas).polygon(polygon, fill=1)
+    return np.asarray(canvas)
+
+
+def test_write_refer_format_layout_and_consistency(tmp_path: Path) -> None:
+    size, counts = 96, {"train": 3, "val": 2, "testA": 2, "testB": 2}
+    ref_dir = write_refer_format(tmp_path, splits=counts, size=size, seed=7)
+    assert ref_dir == tmp_path / "refcoco"
+    raw = (ref_dir / "refs(unc).p").read_bytes()
+    assert raw[:2] == b"\x80\x02"  # pickle protocol 2, as the Python-2-era originals
+    refs = _NoGlobals(io.BytesIO(raw)).load()
+    instances = json.loads((ref_dir / "instances.json").read_text())
+
+    images = {im["id"]: im for im in instances["images"]}
+    anns = {ann["id"]: ann for ann in instances["annotations"]}
+    categories = {c["id"]: c["name"] for c in instances["categories"]}
+    assert sorted(categories.values()) == sorted(SHAPES)
+    assert len(images) == len(instances["images"]) == sum(counts.values())
+    assert len(anns) == len(instances["annotations"])
+    for image_id, im in images.items():
+        assert im["file_name"] == f"COCO_train2014_{image_id:012d}.jpg"
+        with Image.open(tmp_path / "images" / "train2014" / im["file_name"]) as f:
+            assert f.format == "JPEG" and f.size == (im["width"], im["height"]) == (size, size)
+    for ann in anns.values():
+        assert ann["image_id"] in images and ann["category_id"] in categories and ann["iscrowd"] == 0
+        (polygon,) = ann["segmentation"]
+        assert len(polygon) >= 6 and len(polygon) % 2 == 0
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= size and y + h <= size and ann["area"] > 0
+        assert math.isclose(min(polygon[0::2]), x) and math.isclose(min(polygon[1::2]), y)
+
+    assert {split: sum(r["split"] == split for r in refs) for split in counts} == counts
+    sent_ids = [s["sent_id"] for r in refs for s in r["sentences"]]
+    assert len(sent_ids) == len(set(sent_ids))
+    assert {len(r["sentences"]) for r in refs} == {1, 2}  # some refs carry a second phrasing
+    datasets = {split: SyntheticRefScenes(split, size=size, length=n, seed=7) for split, n in counts.items()}
+    seen = dict.fromkeys(counts, 0)
+    for ref in refs:
+        ann = anns[ref["ann_id"]]
+        assert ann["image_id"] == ref["image_id"] and ann["category_id"] == ref["category_id"]
+        assert re.fullmatch(rf"COCO_train2014_{ref['image_id']:012d}_\d+\.jpg", ref["file_name"])
+        assert ref["sent_ids"] == [s["sent_id"] for s in ref["sentences"]]
+        for sent in ref["sentences"]:
+            assert sent["sent"] == sent["raw"].lower() and sent["tokens"] == sent["sent"].split()
+        assert len({s["sent"] for s in ref["sentences"]}) == len(ref["sentences"])
+        # The ref's polygon rasterises to the very mask the dataset gives for that sample.
+        sample = datasets[ref["split"]][seen[ref["split"]]]
+        seen[ref["split"]] += 1
+        assert np.array_equal(_rasterise(ann["segmentation"], size), sample["mask"])
+        assert ref["sentences"][0]["sent"] in sample["texts"]
