@@ -124,7 +124,7 @@ class BEiT3(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed_vision = nn.Parameter(torch.zeros(cfg.num_vision_tokens + POSITION_OFFSET, D))
         self.pos_embed_text = nn.Parameter(torch.zeros(cfg.max_text_positions, D))
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # also under meta
         self.blocks = nn.ModuleList(
             MultiwayBlock(D, cfg.num_heads, cfg.mlp_dim, cfg.layernorm_eps, drop_path=r) for r in rates
         )

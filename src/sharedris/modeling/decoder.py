@@ -1,0 +1,92 @@
+"""Shared Mask Decoder: one query token, joint self-attention with text and image, a dot-product mask.
+
+There is no cross-attention: the query is one more token of the text stream of a few Multiway
+blocks whose vision stream is the refined P4 map of the Shared FPN. The query's output becomes a
+mask embedding m, and the mask logits are the dot product of m with every pixel feature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sharedris.modeling.multiway import MultiwayBlock, key_padding_to_attn_mask
+
+
+@dataclass
+class DecoderConfig:
+    """Hyper-parameters of :class:`MaskDecoder`.
+
+    Args:
+        width: token width C; must equal the FPN width.
+        depth: number of Multiway blocks N_dec.
+        num_heads: attention heads.
+        mlp_ratio: FFN hidden width is ``width * mlp_ratio``.
+        eps: LayerNorm epsilon.
+    """
+
+    width: int = 256
+    depth: int = 2
+    num_heads: int = 8
+    mlp_ratio: float = 2.0
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"decoder.depth must be at least 1 (the query must see the image), got {self.depth}")
+
+
+class MaskDecoder(nn.Module):
+    """Predict one mask per (image, expression) pair from Shared FPN outputs."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.width
+        self.query_proj = nn.Linear(C, C)
+        self.query_embed = nn.Parameter(torch.zeros(1, 1, C))
+        nn.init.trunc_normal_(self.query_embed, std=0.02)
+        self.blocks = nn.ModuleList(
+            MultiwayBlock(C, cfg.num_heads, int(C * cfg.mlp_ratio), cfg.eps) for _ in range(cfg.depth)
+        )
+        self.query_norm = nn.LayerNorm(C, eps=cfg.eps)  # the blocks are pre-LN: their output is not normalized
+        self.mask_mlp = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
+        # <m, F> sums C products: 1/sqrt(C) keeps the initial logits O(1), as in scaled attention.
+        self.logit_scale = nn.Parameter(torch.tensor(C**-0.5))
+        self.logit_bias = nn.Parameter(torch.zeros(()))
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) that take no weight decay, besides norms/biases."""
+        return {"query_embed", "logit_scale", "logit_bias"}
+
+    def forward(self, pixel: Tensor, mid: Tensor, text: Tensor, text_padding_mask: Tensor | None) -> Tensor:
+        """Decode mask logits.
+
+        Args:
+            pixel: (B, C, 4g, 4g) pixel features F.
+            mid: (B, C, g, g) refined P4 map X4'.
+            text: (B, L, C) refined text tokens T'; token 0 is the sentence start, never padding.
+            text_padding_mask: (B, L) bool, True = padding; or None.
+        Returns:
+            (B, 1, 4g, 4g) mask logits at the pixel-feature resolution.
+        """
+        B, C, g, _ = mid.shape
+        query = self.query_proj(text[:, :1]) + self.query_embed  # (B, 1, C)
+        xt = torch.cat([query, text], dim=1)  # (B, 1+L, C): the query rides in the text stream
+        xv = mid.flatten(2).transpose(1, 2)  # (B, g*g, C)
+        if text_padding_mask is not None:
+            text_padding_mask = torch.cat([text_padding_mask.new_zeros(B, 1), text_padding_mask], dim=1)
+        attn_mask = key_padding_to_attn_mask(g * g, text_padding_mask)
+        for block in self.blocks:
+            xv, xt = block(xv, xt, attn_mask)
+        m = self.mask_mlp(self.query_norm(xt[:, 0]))  # (B, C)
+        # The last block's vision stream (attention output projection, FFN) would otherwise be computed
+        # and never used, leaving parameters without gradients (which DDP rejects). Adding the
+        # query-aware map into the pixel features, as SAM does with its updated image embedding, uses it.
+        xv = xv.transpose(1, 2).reshape(B, C, g, g)
+        pixel = pixel + F.interpolate(xv, size=pixel.shape[-2:], mode="bilinear", align_corners=False)
+        logits = torch.einsum("bc,bchw->bhw", m, pixel)  # (B, 4g, 4g)
+        return (logits * self.logit_scale + self.logit_bias).unsqueeze(1)

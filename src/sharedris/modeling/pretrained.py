@@ -1,0 +1,113 @@
+"""Self-describing checkpoints: a folder with ``config.json``, ``model.safetensors`` and the tokenizer.
+
+``load_pretrained`` rebuilds a model from that folder alone; ``"default"`` names the tiny model
+that ships inside the package.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sharedris.checkpoint import atomic_write
+from sharedris.modeling.registry import ModelConfig, build_model
+from sharedris.modeling.segmenter import SharedRIS
+
+FORMAT = "sharedris"
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+class PretrainedError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message says why."""
+
+
+def assets_dir() -> Path:
+    """The package's bundled files (default model, tokenizers)."""
+    return Path(str(resources.files("sharedris") / "assets"))
+
+
+def resolve_tokenizer(cfg: ModelConfig, explicit: str | Path | None = None) -> Path:
+    """The tokenizer file for ``cfg``: ``explicit`` if given, else the bundled one of that name."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        return path
+    bundled = assets_dir() / "tokenizers" / cfg.tokenizer
+    if not bundled.is_file():
+        raise FileNotFoundError(f"no bundled tokenizer named {cfg.tokenizer!r}; pass the file "
+                                f"(e.g. tokenizer=/path/to/{cfg.tokenizer}), the one released with BEiT-3")
+    return bundled
+
+
+def save_pretrained(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, tokenizer_file: str | Path) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer into ``out_dir``, each atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    atomic_write(out / cfg.tokenizer, lambda p: shutil.copyfile(tokenizer_file, p))
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict()}
+    atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return out
+
+
+def load_pretrained(path: str | Path = "default", device: torch.device | str = "cpu") -> SharedRIS:
+    """Rebuild a model from a checkpoint folder (or ``"default"``), in eval mode.
+
+    The returned model carries ``config`` (its :class:`ModelConfig`) and ``tokenizer_file``.
+    """
+    folder = assets_dir() / "default" if str(path) == "default" else Path(path)
+    if not folder.is_dir():
+        raise PretrainedError(f"model folder {folder} does not exist (expected a folder written by "
+                              "save_pretrained, or 'default')")
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise PretrainedError(f"{folder} has no {CONFIG_FILE}; it is not a sharedris checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise PretrainedError(f"{folder / CONFIG_FILE} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise PretrainedError(f"{folder / CONFIG_FILE} is not a sharedris config")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise PretrainedError(f"{folder} was written by a newer sharedris (format "
+                              f"{meta['format_version']}); upgrade sharedris")
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PretrainedError(f"{folder / CONFIG_FILE} has an invalid model config ({e})") from None
+    state = _read_weights(folder / WEIGHTS_FILE)
+    model = build_model(cfg)
+    expected = model.state_dict()
+    mismatched = sorted(k for k in expected if k not in state or state[k].shape != expected[k].shape)
+    unexpected = sorted(set(state) - set(expected))
+    if mismatched or unexpected:
+        names = (mismatched + unexpected)[:3]
+        raise PretrainedError(f"{folder / WEIGHTS_FILE} does not fit the architecture in {CONFIG_FILE} "
+                              f"(e.g. {names}); the weights belong to another model")
+    model.load_state_dict(state)
+    model.config = cfg
+    model.tokenizer_file = folder / cfg.tokenizer
+    if not model.tokenizer_file.is_file():
+        raise PretrainedError(f"{folder} lacks its tokenizer file {cfg.tokenizer}")
+    return model.to(device).eval()
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise PretrainedError(f"{path.parent} has no {WEIGHTS_FILE}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise PretrainedError(f"{path} is not a readable safetensors file ({e})") from None

@@ -1,0 +1,242 @@
+"""Shared FPN, mask decoder, the full model and the config registry (tiny configs, CPU, seconds)."""
+
+import json
+
+import pytest
+import torch
+
+from sharedris.losses import segmentation_loss
+from sharedris.modeling import (
+    FPNConfig,
+    MaskDecoder,
+    ModelConfig,
+    SharedFPN,
+    SharedRIS,
+    build_model,
+    list_models,
+    model_config,
+)
+from sharedris.modeling.fpn import ConvLevel, SharedLevel
+
+
+def _small(image_size: int = 64, patch_size: int = 8, **overrides) -> ModelConfig:
+    """A few-thousand-parameter variant of the tiny model; overrides as for model_config."""
+    kw = dict(
+        image_size=image_size, text_len=8, taps=(1, 2, 3, 4),
+        encoder=dict(depth=4, embed_dim=32, num_heads=2, mlp_dim=64, vocab_size=50, patch_size=patch_size),
+        fpn=dict(width=32, num_heads=2), decoder=dict(width=32, num_heads=2),
+    )
+    return model_config("sharedris_tiny", **{**kw, **overrides})
+
+
+def _inputs(cfg: ModelConfig, batch: int = 2, length: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, cfg.encoder.vocab_size, (batch, length), generator=g)
+    pad = torch.zeros(batch, length, dtype=torch.bool)
+    pad[0, 5:] = True
+    ids[pad] = 1
+    return torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g), ids, pad
+
+
+def _meta_model(name: str, **overrides) -> SharedRIS:
+    """Build a full-size model without memory or init time: parameters on the meta device."""
+    with torch.device("meta"):
+        return build_model(name, **overrides)
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("image_size, patch_size", [(64, 8), (80, 16)])  # g = 8, and odd g = 5 (P5 floors to 2)
+def test_every_stage_has_the_documented_shapes(image_size, patch_size):
+    cfg = _small(image_size, patch_size)
+    model = build_model(cfg).eval()
+    image, ids, pad = _inputs(cfg)
+    g, C, D, B, L = cfg.encoder.grid_size, 32, 32, 2, 8
+    with torch.no_grad():
+        taps = model.encoder.forward_intermediates(image, ids, pad, cfg.taps)
+        feats = model.fpn(taps, pad, g)
+        logits = model.decoder(feats.pixel, feats.mid, feats.text, pad)
+        full = model(image, ids, pad)
+    assert [tuple(v.shape) for v, _ in taps] == [(B, 1 + g * g, D)] * 4
+    assert feats.pixel.shape == (B, C, 4 * g, 4 * g)
+    assert feats.mid.shape == (B, C, g, g)
+    assert feats.text.shape == (B, L, C)
+    assert logits.shape == (B, 1, 4 * g, 4 * g)
+    assert full.shape == (B, 1, image_size, image_size)
+    assert torch.isfinite(full).all()
+
+
+def test_levels_without_a_shared_block_are_conv_only():
+    fpn = SharedFPN(32, FPNConfig(width=32, num_heads=2, shared_levels=(5, 3)))
+    assert isinstance(fpn.levels["p4"], ConvLevel)
+    assert isinstance(fpn.levels["p5"], SharedLevel) and isinstance(fpn.levels["p3"], SharedLevel)
+    taps = [(torch.randn(1, 1 + 36, 32), torch.randn(1, 4, 32)) for _ in range(4)]
+    out = fpn(taps, None, 6)
+    assert out.mid.shape == (1, 32, 6, 6) and out.pixel.shape == (1, 32, 24, 24)
+    with pytest.raises(ValueError, match="shared_levels"):
+        FPNConfig(shared_levels=(2,))
+    with pytest.raises(ValueError, match="1 \\+ 5x5"):
+        fpn(taps, None, 5)
+
+
+def test_train_and_eval_return_the_same_type():
+    cfg = _small()
+    model = build_model(cfg)
+    image, ids, pad = _inputs(cfg)
+    out_train = model.train()(image, ids, pad)
+    with torch.no_grad():
+        out_eval = model.eval()(image, ids, pad)
+    assert type(out_train) is type(out_eval) is torch.Tensor
+    assert out_train.shape == out_eval.shape
+    with torch.no_grad():
+        assert model(image, ids).shape == out_eval.shape  # no padding mask: every token is real
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    """DDP without find_unused_parameters requires it; the encoder's final norm is frozen (never run)."""
+    cfg = _small()
+    model = build_model(cfg)
+    image, ids, pad = _inputs(cfg)
+    target = torch.zeros(2, 1, cfg.image_size, cfg.image_size)
+    target[:, :, 8:40, 16:48] = 1
+    segmentation_loss(model(image, ids, pad), target)["loss"].backward()
+    frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+    assert frozen == ["encoder.norm.A.bias", "encoder.norm.A.weight", "encoder.norm.B.bias", "encoder.norm.B.weight"]
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert no_grad == []
+    assert all(p.grad.abs().sum() > 0 for p in model.encoder.patch_embed.parameters())
+
+
+def test_blocks_after_the_deepest_tap_are_frozen():
+    model = build_model(_small(taps=(1, 1, 2, 2)))
+    assert all(not p.requires_grad for p in model.encoder.blocks[2:].parameters())
+    assert all(p.requires_grad for p in model.encoder.blocks[:2].parameters())
+
+
+def test_extra_padding_does_not_change_the_logits():
+    cfg = _small()
+    model = build_model(cfg).eval()
+    image, ids, pad = _inputs(cfg, batch=1)
+    pad[0, 5:] = True
+    longer_ids = torch.cat([ids, torch.ones(1, 6, dtype=torch.long)], dim=1)
+    longer_pad = torch.cat([pad, torch.ones(1, 6, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        a = model(image, ids, pad)
+        b = model(image, longer_ids, longer_pad)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_tiny_model_overfits_two_samples():
+    torch.manual_seed(0)
+    cfg = _small(image_size=32)
+    model = build_model(cfg)
+    image, ids, pad = _inputs(cfg, batch=2, seed=1)
+    target = torch.zeros(2, 1, 32, 32)
+    target[0, :, 4:16, 4:16] = 1
+    target[1, :, 12:28, 16:30] = 1
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(60):
+        loss = segmentation_loss(model(image, ids, pad), target)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_no_weight_decay_names_are_real_parameters():
+    model = build_model(_small())
+    names = dict(model.named_parameters())
+    nwd = model.no_weight_decay()
+    assert nwd <= set(names)
+    assert {"encoder.pos_embed_vision", "decoder.query_embed", "decoder.logit_scale"} <= nwd
+
+
+def test_decoder_logit_scale_starts_at_inverse_sqrt_width():
+    dec = MaskDecoder(_small().decoder)
+    assert dec.logit_scale.item() == pytest.approx(32**-0.5)
+    assert dec.logit_bias.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------- registry
+def test_registered_models():
+    assert list_models() == ["sharedris_base", "sharedris_large", "sharedris_tiny"]
+    base, large, tiny = (model_config(n) for n in list_models())
+    assert (base.taps, base.image_size, base.text_len, base.tokenizer) == ((4, 6, 8, 12), 480, 40, "beit3.spm")
+    assert (base.encoder.depth, base.encoder.embed_dim, base.encoder.grid_size) == (12, 768, 30)
+    assert (large.taps, large.encoder.depth, large.encoder.embed_dim) == ((8, 12, 16, 24), 24, 1024)
+    assert base.fpn.width == large.fpn.width == base.decoder.width == 256
+    assert (tiny.encoder.grid_size, tiny.fpn.width, tiny.fpn.num_heads, tiny.text_len) == (16, 128, 4, 24)
+    assert base.mean == base.std == (0.5, 0.5, 0.5)
+
+
+def test_base_parameter_counts_on_meta_device():
+    # official beit3_base_patch16_224: 220,987,392 minus the 768-float mask token only pretraining uses
+    assert _count(_meta_model("sharedris_base", image_size=224).encoder) == 220_986_624
+    model = _meta_model("sharedris_base")
+    assert _count(model.encoder) == 220_986_624 + (30**2 - 14**2) * 768  # 480 px: a 30x30 position grid
+    assert _count(model.fpn) + _count(model.decoder) < 0.05 * _count(model.encoder)
+
+
+def test_large_builds_on_meta_device():
+    model = _meta_model("sharedris_large")
+    assert len(model.encoder.blocks) == 24 and model.fpn.cfg.width == 256
+
+
+def test_tiny_builds_and_runs():
+    cfg = model_config("sharedris_tiny")
+    model = build_model("sharedris_tiny").eval()
+    image, ids, pad = _inputs(cfg, batch=1, length=cfg.text_len)
+    with torch.no_grad():
+        assert model(image, ids, pad).shape == (1, 1, 128, 128)
+
+
+def test_overrides_nest_and_image_size_sets_the_encoder():
+    cfg = model_config("sharedris_tiny", image_size=96, fpn={"width": 64, "shared_levels": [5, 4]},
+                       decoder={"width": 64})
+    assert cfg.encoder.image_size == 96 and cfg.fpn.shared_levels == (5, 4)
+    assert model_config("sharedris_tiny").fpn.width == 128  # the registry hands out fresh configs
+    with pytest.raises(ValueError, match="decoder.width"):
+        model_config("sharedris_tiny", fpn={"width": 64})
+    with pytest.raises(ValueError, match="image_size"):
+        model_config("sharedris_tiny", encoder={"image_size": 96})
+
+
+def test_unknown_names_and_keys_are_clear_errors():
+    with pytest.raises(ValueError, match="sharedris_base"):
+        model_config("sharedris_huge")
+    with pytest.raises(ValueError, match="widht"):
+        model_config("sharedris_tiny", widht=3)
+    with pytest.raises(ValueError, match="widht"):
+        model_config("sharedris_tiny", fpn={"widht": 3})
+    with pytest.raises(ValueError, match="taps"):
+        model_config("sharedris_tiny", taps=(2, 4, 9, 6))
+
+
+@pytest.mark.parametrize("name", ["sharedris_tiny", "sharedris_base", "sharedris_large"])
+def test_config_dict_round_trip_is_exact(name):
+    cfg = model_config(name, fpn={"shared_levels": (5, 4)})
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d == cfg.to_dict()
+    assert ModelConfig.from_dict(d) == cfg
+
+
+def test_from_dict_rejects_unknown_and_missing_keys():
+    d = model_config("sharedris_tiny").to_dict()
+    with pytest.raises(ValueError, match="colour"):
+        ModelConfig.from_dict({**d, "colour": 1})
+    with pytest.raises(ValueError, match="depht"):
+        ModelConfig.from_dict({**d, "encoder": {**d["encoder"], "depht": 2}})
+    with pytest.raises(ValueError, match="taps"):
+        ModelConfig.from_dict({k: v for k, v in d.items() if k != "taps"})
+
+
+def test_encoder_weights_go_through_the_official_loader(monkeypatch):
+    seen = []
+    monkeypatch.setattr("sharedris.modeling.beit3.BEiT3.load_official_checkpoint",
+                        lambda self, path: seen.append(path))
+    build_model(_small(), encoder_weights="beit3_base_patch16_224.pth")
+    assert seen == ["beit3_base_patch16_224.pth"]
