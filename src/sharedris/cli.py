@@ -42,6 +42,15 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         print(json.dumps(rows))
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from sharedris.config import load_train_config
+    from sharedris.train.loop import train
+
+    cfg = load_train_config(args.config, args.overrides)
+    out = train(cfg, resume=args.resume, device=args.device)
+    print(f"run folder: {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sharedris", description="Single-encoder referring image segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also time torchscale's BEiT3 on identical weights (test extra)")
     enc.add_argument("--json", action="store_true", help="also print the rows as JSON")
     enc.set_defaults(func=_cmd_bench)
+
+    tr = sub.add_parser("train", help="train a model (one process, or one rank under torchrun)",
+                        description="Train. Defaults come from sharedris.config.TrainConfig, then the YAML "
+                                    "file, then key.sub=value overrides. Under torchrun every rank runs this.")
+    tr.add_argument("--config", help="YAML file of config deltas (see configs/)")
+    tr.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt if it exists")
+    tr.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=1e-4 epochs=3")
+    tr.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -7,8 +7,9 @@ not transformers).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -70,3 +71,23 @@ class Tokenizer:
             enc = self.encode(t)
             ids[row, : len(enc)] = torch.tensor(enc, dtype=torch.long)
         return ids, ids == PAD_ID
+
+
+def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int) -> Path:
+    """Train a small SentencePiece BPE model (for models trained from scratch, e.g. tiny).
+
+    Case is folded in the model's normalizer, and byte fallback maps any character outside the
+    corpus (emoji, CJK) to byte pieces instead of the unknown id.
+    """
+    import sentencepiece as spm
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, byte_fallback=True, hard_vocab_limit=False,
+        normalization_rule_name="nmt_nfkc_cf", minloglevel=2,
+    )
+    out.write_bytes(model.getvalue())
+    return out

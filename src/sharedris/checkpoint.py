@@ -1,0 +1,52 @@
+"""Crash-safe file writing and the training-resume file.
+
+Every file is written to a temporary name in the same folder, flushed to disk, then renamed over
+the target: a crash mid-write leaves the previous file intact, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)``, fsync, then atomically rename to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_resume_state(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write the resume file (model, optimizer, scheduler, RNG states, step, config) atomically."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_resume_state(path: str | Path) -> dict[str, Any]:
+    """Read a resume file without executing pickled code (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"resume file {path} holds objects other than tensors and plain data; "
+                         f"refusing to load it ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"resume file {path} is not readable ({e})") from None

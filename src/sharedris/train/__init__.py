@@ -1,0 +1,1 @@
+"""Training: `sharedris train` in one process or under torchrun (DDP)."""

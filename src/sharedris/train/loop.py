@@ -1,0 +1,252 @@
+"""The training loop, readable top to bottom: one process or one rank of a torchrun job."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from sharedris.checkpoint import atomic_write, load_resume_state, save_resume_state
+from sharedris.config import TrainConfig, to_dict
+from sharedris.data.datasets import RISSamples, build_source, collate
+from sharedris.evaluate import autocast_context, evaluate
+from sharedris.losses import segmentation_loss
+from sharedris.modeling.pretrained import resolve_tokenizer, save_pretrained
+from sharedris.modeling.registry import build_model, model_config
+from sharedris.text import Tokenizer
+from sharedris.train.distributed import DistInfo, cleanup_distributed, init_distributed
+from sharedris.train.optim import build_optimizer, build_scheduler
+
+RESUME_FILE = "last.pt"
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This rank's micro-batches of one epoch, in a fixed order.
+
+    The epoch's permutation depends only on (seed, epoch); global batch ``s`` is
+    ``perm[s*B:(s+1)*B]``, split into ``world`` equal shards, each split into ``accum``
+    micro-batches. So 1 process x batch B and N processes x B/N see the same global batches, and
+    a resumed run skips exactly the batches already done.
+    """
+
+    def __init__(self, length: int, global_batch: int, rank: int, world: int, accum: int,
+                 seed: int, epoch: int, start_step: int = 0) -> None:
+        self.length, self.global_batch = length, global_batch
+        self.rank, self.world, self.accum = rank, world, accum
+        self.seed, self.epoch, self.start_step = seed, epoch, start_step
+        self.micro = global_batch // (world * accum)
+
+    @property
+    def steps(self) -> int:
+        return self.length // self.global_batch
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.length, generator=g).tolist()
+        shard = self.global_batch // self.world
+        for step in range(self.start_step, self.steps):
+            batch = perm[step * self.global_batch:(step + 1) * self.global_batch]
+            mine = batch[self.rank * shard:(self.rank + 1) * shard]
+            for m in range(self.accum):
+                yield mine[m * self.micro:(m + 1) * self.micro]
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp != "none" and device.type == "cpu":
+        raise ValueError(f"amp={amp} needs a GPU; on CPU use amp=none (this CPU has no fast bf16)")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: TrainConfig, resume: bool = False, device: str | None = None) -> Path:
+    """Train a model as ``cfg`` says; returns the run folder.
+
+    The run folder gets ``config.yaml`` (the resolved config), ``log.jsonl`` (one line per logged
+    step), ``metrics/epoch_XXX.json`` per evaluation, ``last.pt`` (resume state), ``best/``
+    (the self-describing checkpoint with the best val oIoU) and ``final/``.
+    """
+    info = init_distributed(device)
+    try:
+        return _train(cfg, info, resume)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
+    out = Path(cfg.out_dir)
+    if cfg.batch_size % (info.world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {info.world} x "
+                         f"grad_accum {cfg.grad_accum}")
+    if cfg.data.val_split.lower().startswith("test"):
+        raise ValueError(f"data.val_split={cfg.data.val_split!r}: checkpoints are never selected on a test split")
+    amp_dtype = _amp_dtype(cfg.amp, info.device)
+
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    mcfg = model_config(cfg.model, **_model_overrides(cfg))
+    model = build_model(mcfg, encoder_weights=cfg.encoder_weights).to(info.device)
+    tokenizer_file = resolve_tokenizer(mcfg, cfg.tokenizer)
+    tokenizer = Tokenizer(tokenizer_file, max_len=mcfg.text_len)
+    if tokenizer.vocab_size > mcfg.encoder.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_file} emits {tokenizer.vocab_size} ids but the model's "
+                         f"text embedding has {mcfg.encoder.vocab_size} rows")
+
+    train_set = RISSamples(build_source(cfg.data, cfg.data.train_split, train=True),
+                           mcfg.image_size, mcfg.mean, mcfg.std)
+    val_source = build_source(cfg.data, cfg.data.val_split, train=False)
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set has {len(train_set)} samples, fewer than one batch of {cfg.batch_size}")
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, warmup, total_steps, cfg.optim.poly_power)
+    ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
+        if info.world > 1 else model
+    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+
+    step, best = 0, -math.inf
+    if resume and (out / RESUME_FILE).is_file():
+        state = load_resume_state(out / RESUME_FILE)
+        if state["config"] != to_dict(cfg):
+            raise ValueError(f"{out / RESUME_FILE} was written with a different config; "
+                             "resume with the same config or use another out_dir")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, best = state["step"], state["best"]
+        _set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
+    elif info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.yaml", lambda p: p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not info.is_main, dynamic_ncols=True)
+    log_file = (out / "log.jsonl").open("a") if info.is_main else None
+    loader_gen = torch.Generator()  # DataLoader base seeds must not draw from the global RNG
+    start = time.perf_counter()
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, info.rank, info.world, cfg.grad_accum,
+                                     cfg.seed, epoch, start_step=in_epoch)
+        loader_gen.manual_seed(cfg.seed + epoch)
+        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                            collate_fn=collate, generator=loader_gen,
+                            persistent_workers=False, pin_memory=info.device.type == "cuda")
+        model.train()
+        micro = 0
+        for batch in loader:
+            ids, pad = tokenizer(batch["text"])
+            image, target = batch["image"].to(info.device), batch["mask"].to(info.device)
+            sync = micro == cfg.grad_accum - 1
+            ctx = ddp.no_sync() if info.world > 1 and not sync else contextlib.nullcontext()
+            with ctx:
+                with autocast_context(info.device, amp_dtype):
+                    logits = ddp(image, ids.to(info.device), pad.to(info.device))  # (b, 1, S, S)
+                losses = segmentation_loss(logits, target, cfg.loss.bce_weight, cfg.loss.dice_weight)
+                scaler.scale(losses["loss"] / cfg.grad_accum).backward()
+            micro += 1
+            if not sync:
+                continue
+            micro = 0
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad) \
+                if cfg.optim.clip_grad > 0 else torch.tensor(0.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if info.is_main and (step % cfg.log_every == 0 or step == total_steps):
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": losses["loss"].item(),
+                          "bce": losses["bce"].item(), "dice": losses["dice"].item(),
+                          "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                          "elapsed_s": time.perf_counter() - start}
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if step % steps_per_epoch == 0:
+                epoch_done = step // steps_per_epoch
+                if epoch_done % cfg.eval_every == 0 or step == total_steps:
+                    best = _validate(cfg, mcfg, model, val_source, tokenizer, tokenizer_file, info, amp_dtype,
+                                     epoch_done, step, best, out)
+            if step % steps_per_epoch == 0 or step % cfg.checkpoint_every == 0:
+                _save_resume(cfg, model, optimizer, scheduler, scaler, step, best, info, out)
+    bar.close()
+    if log_file:
+        log_file.close()
+    if info.is_main:
+        save_pretrained(model, mcfg, out / "final", tokenizer_file)
+    return out
+
+
+def _model_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    overrides = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.model_overrides.items()}
+    encoder = overrides.setdefault("encoder", {})
+    encoder.setdefault("drop_path_rate", cfg.drop_path)
+    encoder.setdefault("grad_checkpointing", cfg.grad_checkpointing)
+    return overrides
+
+
+def _validate(cfg: TrainConfig, mcfg, model, val_source, tokenizer, tokenizer_file, info: DistInfo,
+              amp_dtype, epoch: int, step: int, best: float, out: Path) -> float:
+    """Evaluate on the val split on all ranks; rank 0 writes the metrics and keeps ``best/``."""
+    result = evaluate(model, val_source, tokenizer, image_size=mcfg.image_size, mean=mcfg.mean, std=mcfg.std,
+                      device=info.device, batch_size=max(1, cfg.batch_size // (info.world * cfg.grad_accum)),
+                      amp_dtype=amp_dtype, groups=getattr(val_source, "families", ()))
+    result.update(epoch=epoch, step=step, split=cfg.data.val_split)
+    if info.is_main:
+        atomic_write(out / "metrics" / f"epoch_{epoch:03d}.json",
+                     lambda p: p.write_text(json.dumps(result, indent=2)))
+        tqdm.write(f"epoch {epoch}: val oIoU {result['overall']['oIoU']:.4f} mIoU {result['overall']['mIoU']:.4f}")
+        if result["overall"]["oIoU"] > best:
+            save_pretrained(model, mcfg, out / "best", tokenizer_file)
+    return max(best, result["overall"]["oIoU"])
+
+
+def _save_resume(cfg: TrainConfig, model, optimizer, scheduler, scaler, step: int, best: float,
+                 info: DistInfo, out: Path) -> None:
+    """All ranks' RNG states are gathered so that each rank resumes its own stream."""
+    rng = _rng_state()
+    if info.world > 1:
+        states: list[Any] = [None] * info.world
+        torch.distributed.all_gather_object(states, rng)
+    else:
+        states = [rng]
+    if info.is_main:
+        save_resume_state(out / RESUME_FILE, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "best": best, "rng": states, "config": to_dict(cfg),
+        })
