@@ -169,7 +169,8 @@ def test_registered_models():
     assert (base.encoder.depth, base.encoder.embed_dim, base.encoder.grid_size) == (12, 768, 30)
     assert (large.taps, large.encoder.depth, large.encoder.embed_dim) == ((8, 12, 16, 24), 24, 1024)
     assert base.fpn.width == large.fpn.width == base.decoder.width == 256
-    assert (tiny.encoder.grid_size, tiny.fpn.width, tiny.fpn.num_heads, tiny.text_len) == (16, 128, 4, 24)
+    assert base.fpn.pixel_channels == large.fpn.pixel_channels == 64 and tiny.fpn.pixel_channels == tiny.fpn.width
+    assert (tiny.encoder.grid_size, tiny.fpn.width, tiny.fpn.num_heads, tiny.text_len) == (16, 64, 2, 24)
     assert base.mean == base.std == (0.5, 0.5, 0.5)
 
 
@@ -240,3 +241,14 @@ def test_encoder_weights_go_through_the_official_loader(monkeypatch):
                         lambda self, path: seen.append(path))
     build_model(_small(), encoder_weights="beit3_base_patch16_224.pth")
     assert seen == ["beit3_base_patch16_224.pth"]
+
+
+def test_narrow_pixel_level_shapes():
+    cfg = _small(fpn=dict(width=32, num_heads=2, pixel_width=8))
+    model = build_model(cfg).eval()
+    image, ids, pad = _inputs(cfg)
+    taps = model.encoder.forward_intermediates(image, ids, pad, cfg.taps)
+    feats = model.fpn(taps, pad, cfg.encoder.grid_size)
+    assert feats.pixel.shape == (2, 8, 4 * cfg.encoder.grid_size, 4 * cfg.encoder.grid_size)
+    assert feats.mid.shape[1] == 32
+    assert model(image, ids, pad).shape == (2, 1, cfg.image_size, cfg.image_size)

@@ -40,12 +40,18 @@ class DecoderConfig:
 
 
 class MaskDecoder(nn.Module):
-    """Predict one mask per (image, expression) pair from Shared FPN outputs."""
+    """Predict one mask per (image, expression) pair from Shared FPN outputs.
 
-    def __init__(self, cfg: DecoderConfig) -> None:
+    Args:
+        cfg: decoder hyper-parameters.
+        pixel_dim: channels Cp of the FPN's pixel features (``FPNConfig.pixel_channels``).
+    """
+
+    def __init__(self, cfg: DecoderConfig, pixel_dim: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         C = cfg.width
+        Cp = pixel_dim or C
         self.query_proj = nn.Linear(C, C)
         self.query_embed = nn.Parameter(torch.zeros(1, 1, C))
         nn.init.trunc_normal_(self.query_embed, std=0.02)
@@ -53,9 +59,10 @@ class MaskDecoder(nn.Module):
             MultiwayBlock(C, cfg.num_heads, int(C * cfg.mlp_ratio), cfg.eps) for _ in range(cfg.depth)
         )
         self.query_norm = nn.LayerNorm(C, eps=cfg.eps)  # the blocks are pre-LN: their output is not normalized
-        self.mask_mlp = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
-        # <m, F> sums C products: 1/sqrt(C) keeps the initial logits O(1), as in scaled attention.
-        self.logit_scale = nn.Parameter(torch.tensor(C**-0.5))
+        self.mask_mlp = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, C), nn.GELU(), nn.Linear(C, Cp))
+        self.mid_to_pixel = nn.Linear(C, Cp) if Cp != C else nn.Identity()
+        # <m, F> sums Cp products: 1/sqrt(Cp) keeps the initial logits O(1), as in scaled attention.
+        self.logit_scale = nn.Parameter(torch.tensor(Cp**-0.5))
         self.logit_bias = nn.Parameter(torch.zeros(()))
 
     def no_weight_decay(self) -> set[str]:
@@ -66,7 +73,7 @@ class MaskDecoder(nn.Module):
         """Decode mask logits.
 
         Args:
-            pixel: (B, C, 4g, 4g) pixel features F.
+            pixel: (B, Cp, 4g, 4g) pixel features F.
             mid: (B, C, g, g) refined P4 map X4'.
             text: (B, L, C) refined text tokens T'; token 0 is the sentence start, never padding.
             text_padding_mask: (B, L) bool, True = padding; or None.
@@ -82,11 +89,11 @@ class MaskDecoder(nn.Module):
         attn_mask = key_padding_to_attn_mask(g * g, text_padding_mask)
         for block in self.blocks:
             xv, xt = block(xv, xt, attn_mask)
-        m = self.mask_mlp(self.query_norm(xt[:, 0]))  # (B, C)
+        m = self.mask_mlp(self.query_norm(xt[:, 0]))  # (B, Cp)
         # The last block's vision stream (attention output projection, FFN) would otherwise be computed
         # and never used, leaving parameters without gradients (which DDP rejects). Adding the
         # query-aware map into the pixel features, as SAM does with its updated image embedding, uses it.
-        xv = xv.transpose(1, 2).reshape(B, C, g, g)
+        xv = self.mid_to_pixel(xv).transpose(1, 2).reshape(B, -1, g, g)  # (B, Cp, g, g)
         pixel = pixel + F.interpolate(xv, size=pixel.shape[-2:], mode="bilinear", align_corners=False)
         logits = torch.einsum("bc,bchw->bhw", m, pixel)  # (B, 4g, 4g)
         return (logits * self.logit_scale + self.logit_bias).unsqueeze(1)

@@ -27,6 +27,9 @@ class FPNConfig:
 
     Args:
         width: channels C of every level and of the text tokens.
+        pixel_width: channels of the 4g x 4g pixel features; None = ``width``. The pixel level has
+            16x the positions of P4, so at 480 px its convs would dominate the whole head at
+            full width: a narrower pixel level keeps the head light.
         num_heads: attention heads of the Shared blocks.
         mlp_ratio: FFN hidden width of the Shared blocks is ``width * mlp_ratio``.
         shared_levels: levels (among 5, 4, 3) mixed by a Shared Multiway block; the others by convs.
@@ -34,6 +37,7 @@ class FPNConfig:
     """
 
     width: int = 256
+    pixel_width: int | None = None
     num_heads: int = 8
     mlp_ratio: float = 2.0
     shared_levels: tuple[int, ...] = (5, 4, 3)
@@ -45,11 +49,15 @@ class FPNConfig:
             raise ValueError(f"fpn.shared_levels {bad} are invalid; choose among {ATTENTION_LEVELS} "
                              "(P2 is always conv-only)")
 
+    @property
+    def pixel_channels(self) -> int:
+        return self.pixel_width or self.width
+
 
 class FPNOutput(NamedTuple):
     """What :class:`SharedFPN` hands to the mask decoder (a tuple, so it traces for export)."""
 
-    pixel: Tensor  # (B, C, 4g, 4g) per-pixel features F
+    pixel: Tensor  # (B, Cp, 4g, 4g) per-pixel features F (Cp = cfg.pixel_channels)
     mid: Tensor  # (B, C, g, g) refined P4 level X4'
     text: Tensor  # (B, L, C) text tokens T' after the last Shared level
 
@@ -114,14 +122,14 @@ class SharedFPN(nn.Module):
     def __init__(self, in_dim: int, cfg: FPNConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        D, C, eps = in_dim, cfg.width, cfg.eps
+        D, C, Cp, eps = in_dim, cfg.width, cfg.pixel_channels, cfg.eps
         # Taps are raw residual-stream states taken before the encoder's final norm; their scale
         # grows with depth, so each gets its own LayerNorm.
         self.tap_norms = nn.ModuleList(nn.LayerNorm(D, eps=eps) for _ in range(4))
         # The trailing GroupNorm of every lateral puts all levels on one scale before the sums.
         self.laterals = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose2d(D, C, 2, stride=2), group_norm(C, eps), nn.GELU(),
-                          nn.ConvTranspose2d(C, C, 2, stride=2), group_norm(C, eps)),  # x4 -> P2
+            nn.Sequential(nn.ConvTranspose2d(D, Cp, 2, stride=2), group_norm(Cp, eps), nn.GELU(),
+                          nn.ConvTranspose2d(Cp, Cp, 2, stride=2), group_norm(Cp, eps)),  # x4 -> P2
             nn.Sequential(nn.ConvTranspose2d(D, C, 2, stride=2), group_norm(C, eps)),  # x2 -> P3
             nn.Sequential(nn.Conv2d(D, C, 1), group_norm(C, eps)),  # x1 -> P4
             nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(D, C, 1), group_norm(C, eps)),  # x1/2 -> P5
@@ -131,7 +139,8 @@ class SharedFPN(nn.Module):
         self.levels = nn.ModuleDict({
             f"p{lv}": SharedLevel(cfg) if lv in cfg.shared_levels else ConvLevel(cfg) for lv in ATTENTION_LEVELS
         })
-        self.pixel_block = ConvBlock(C, eps)
+        self.pixel_in = nn.Conv2d(C, Cp, 1) if Cp != C else nn.Identity()  # at 2g, before upsampling
+        self.pixel_block = ConvBlock(Cp, eps)
 
     def forward(self, taps: Sequence[tuple[Tensor, Tensor]], text_padding_mask: Tensor | None,
                 grid: int) -> FPNOutput:
@@ -143,7 +152,7 @@ class SharedFPN(nn.Module):
             text_padding_mask: (B, L) bool, True = padding; or None.
             grid: patch grid size g.
         Returns:
-            FPNOutput(pixel (B, C, 4g, 4g), mid (B, C, g, g), text (B, L, C)).
+            FPNOutput(pixel (B, Cp, 4g, 4g), mid (B, C, g, g), text (B, L, C)).
         """
         if len(taps) != 4:
             raise ValueError(f"SharedFPN takes 4 encoder taps, got {len(taps)}")
@@ -160,5 +169,5 @@ class SharedFPN(nn.Module):
         x, text = self.levels["p4"](p4 + upsample_to(x, p4), text, text_padding_mask)  # (B, C, g, g)
         mid = x
         x, text = self.levels["p3"](p3 + upsample_to(x, p3), text, text_padding_mask)  # (B, C, 2g, 2g)
-        pixel = self.pixel_block(p2 + upsample_to(x, p2))  # (B, C, 4g, 4g)
+        pixel = self.pixel_block(p2 + upsample_to(self.pixel_in(x), p2))  # (B, Cp, 4g, 4g)
         return FPNOutput(pixel=pixel, mid=mid, text=text)

@@ -122,13 +122,13 @@ def _sharedris_tiny() -> ModelConfig:
 
 
 def _sharedris_base() -> ModelConfig:
-    return ModelConfig(encoder=BEiT3Config.base(image_size=480), fpn=FPNConfig(), decoder=DecoderConfig(),
-                       taps=(4, 6, 8, 12), image_size=480, text_len=40, tokenizer="beit3.spm")
+    return ModelConfig(encoder=BEiT3Config.base(image_size=480), fpn=FPNConfig(pixel_width=64),
+                       decoder=DecoderConfig(), taps=(4, 6, 8, 12), image_size=480, text_len=40, tokenizer="beit3.spm")
 
 
 def _sharedris_large() -> ModelConfig:
-    return ModelConfig(encoder=BEiT3Config.large(image_size=480), fpn=FPNConfig(), decoder=DecoderConfig(),
-                       taps=(8, 12, 16, 24), image_size=480, text_len=40, tokenizer="beit3.spm")
+    return ModelConfig(encoder=BEiT3Config.large(image_size=480), fpn=FPNConfig(pixel_width=64),
+                       decoder=DecoderConfig(), taps=(8, 12, 16, 24), image_size=480, text_len=40, tokenizer="beit3.spm")
 
 
 MODELS: dict[str, Callable[[], ModelConfig]] = {
@@ -187,6 +187,6 @@ def build_model(name_or_config: str | ModelConfig, encoder_weights: str | Path |
     return SharedRIS(
         encoder=encoder,
         fpn=SharedFPN(cfg.encoder.embed_dim, cfg.fpn),
-        decoder=MaskDecoder(cfg.decoder),
+        decoder=MaskDecoder(cfg.decoder, pixel_dim=cfg.fpn.pixel_channels),
         taps=cfg.taps,
     )
