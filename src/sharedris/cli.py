@@ -10,7 +10,9 @@ import json
 import sys
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 
 class UserError(Exception):
@@ -51,6 +53,70 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"run folder: {out}")
 
 
+def _load_model(name: str, device: str):
+    from sharedris.modeling.pretrained import load_pretrained
+
+    return load_pretrained(name, device=device)
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from sharedris.data.images import load_image
+    from sharedris.predictor import Predictor
+    from sharedris.render import encode_rle, overlay
+
+    image = load_image(args.image)
+    pred = Predictor(_load_model(args.model, args.device), device=args.device).predict(image, args.text)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.image).stem
+    results = []
+    for i, (text, mask, score) in enumerate(zip(args.text, pred.masks, pred.scores)):
+        mask_path, overlay_path = out / f"{stem}_{i}_mask.png", out / f"{stem}_{i}_overlay.png"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        overlay(image, mask, text).save(overlay_path)
+        results.append({"text": text, "score": round(float(score), 4), "mask_png": str(mask_path),
+                        "overlay_png": str(overlay_path), "rle": encode_rle(mask)})
+    if args.json:
+        print(json.dumps({"image": args.image, "height": image.height, "width": image.width, "results": results}))
+    else:
+        for r in results:
+            print(f"{r['score']:.3f}  {r['text']!r} -> {r['overlay_png']}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from sharedris.config import DataConfig
+    from sharedris.data.datasets import build_source
+    from sharedris.evaluate import evaluate
+    from sharedris.metrics import format_table
+    from sharedris.text import Tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load_model(args.model, args.device)
+    cfg = model.config
+    tokenizer = Tokenizer(model.tokenizer_file, max_len=cfg.text_len)
+    data = DataConfig(dataset=args.dataset, root=args.root, split_by=args.split_by,
+                      synthetic_image_size=args.synthetic_image_size or cfg.image_size,
+                      synthetic_eval_size=args.num_samples, seed=args.seed)
+    rows, report = {}, {}
+    for split in args.split:
+        source = build_source(data, split, train=False)
+        res = evaluate(model, source, tokenizer, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
+                       device=args.device, batch_size=args.batch_size, protocol=args.protocol,
+                       groups=getattr(source, "families", ()), num_workers=args.workers)
+        report[split] = res
+        rows[split] = res["overall"]
+        rows.update({f"{split}/{g}": m for g, m in res["groups"].items()})
+    print(f"model {args.model}, dataset {args.dataset}, protocol {args.protocol}")
+    print(format_table(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report if len(report) > 1 else next(iter(report.values())), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sharedris", description="Single-encoder referring image segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +143,34 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=1e-4 epochs=3")
     tr.set_defaults(func=_cmd_train)
+
+    pr = sub.add_parser("predict", help="segment what each expression refers to in an image")
+    pr.add_argument("image", help="image file (any format Pillow reads)")
+    pr.add_argument("-t", "--text", action="append", required=True, help="an expression; repeat for more")
+    pr.add_argument("-o", "--out-dir", default="predictions", help="where to write mask and overlay PNGs")
+    pr.add_argument("--model", default="default", help="'default' or a checkpoint folder")
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--json", action="store_true", help="print results (COCO RLE masks, scores) as JSON")
+    pr.set_defaults(func=_cmd_predict)
+
+    ev = sub.add_parser("eval", help="oIoU / mIoU / Prec@X on a dataset split")
+    ev.add_argument("--model", default="default", help="'default' or a checkpoint folder")
+    ev.add_argument("--dataset", default="synthetic")
+    ev.add_argument("--split", type=lambda s: [x for x in s.split(",") if x], default=["test"],
+                    help="comma-separated splits, e.g. val,testA,testB")
+    ev.add_argument("--root", default=None, help="refer-format data root (or $SHAREDRIS_DATA)")
+    ev.add_argument("--split-by", default=None)
+    ev.add_argument("--protocol", choices=["original", "resized"], default="original",
+                    help="score at each image's original size, or LAVT's 480x480")
+    ev.add_argument("--num-samples", type=int, default=1000, help="synthetic: samples per split")
+    ev.add_argument("--synthetic-image-size", type=int, default=None, help="synthetic: scene size (default: model size)")
+    ev.add_argument("--seed", type=int, default=0, help="synthetic: dataset seed")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--workers", type=int, default=0)
+    ev.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", default=None, help="write the metrics as JSON here")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 
