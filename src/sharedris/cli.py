@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -24,6 +25,25 @@ def _int_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _cmd_bench_model(args: argparse.Namespace) -> None:
+    from sharedris.benchmark import bench_models, bench_training
+
+    rows = bench_models(args.models, runs=args.runs, threads=args.threads, throughput_batch=args.batch)
+    print(f"{args.threads} threads, median of {args.runs} runs, throughput at batch {args.batch}")
+    print(f"{'model':<16} {'params':>9} {'encoder':>9} {'GFLOPs':>8} {'latency':>9} {'head':>6} "
+          f"{'img/s':>7} {'peak RSS':>9}")
+    for name, r in rows.items():
+        print(f"{name:<16} {r['params'] / 1e6:8.1f}M {r['encoder_params'] / 1e6:8.1f}M {r['gflops']:8.1f} "
+              f"{r['latency_s'] * 1000:7.0f}ms {r['head_share'] * 100:5.1f}% {r['throughput']:7.2f} "
+              f"{r['peak_rss_mb']:7.0f}MB")
+    if args.train_steps:
+        sps = bench_training(steps=args.train_steps, threads=args.threads)
+        rows["train_sharedris_tiny_samples_per_s"] = sps
+        print(f"training sharedris_tiny (batch 16): {sps:.1f} samples/s")
+    if args.json:
+        print(json.dumps(rows))
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -50,7 +70,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_train_config(args.config, args.overrides)
     out = train(cfg, resume=args.resume, device=args.device)
-    print(f"run folder: {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run folder: {out}")
 
 
 def _load_model(name: str, device: str):
@@ -134,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also time torchscale's BEiT3 on identical weights (test extra)")
     enc.add_argument("--json", action="store_true", help="also print the rows as JSON")
     enc.set_defaults(func=_cmd_bench)
+    bm = bench_sub.add_parser("model", help="size, GFLOPs, latency, throughput, memory per registered model")
+    bm.add_argument("--models", type=lambda s: [x for x in s.split(",") if x],
+                    default=["sharedris_tiny", "sharedris_base", "sharedris_large"])
+    bm.add_argument("--runs", type=int, default=3)
+    bm.add_argument("--batch", type=int, default=8, help="batch size of the throughput measurement")
+    bm.add_argument("--threads", type=int, default=2)
+    bm.add_argument("--train-steps", type=int, default=10, help="steps of the tiny training measurement (0 = skip)")
+    bm.add_argument("--json", action="store_true")
+    bm.set_defaults(func=_cmd_bench_model)
 
     tr = sub.add_parser("train", help="train a model (one process, or one rank under torchrun)",
                         description="Train. Defaults come from sharedris.config.TrainConfig, then the YAML "

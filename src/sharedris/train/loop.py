@@ -90,8 +90,9 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None) -> 
     """Train a model as ``cfg`` says; returns the run folder.
 
     The run folder gets ``config.yaml`` (the resolved config), ``log.jsonl`` (one line per logged
-    step), ``metrics/epoch_XXX.json`` per evaluation, ``last.pt`` (resume state), ``best/``
-    (the self-describing checkpoint with the best val oIoU) and ``final/``.
+    step; losses are means over the global batch), ``metrics/epoch_XXX.json`` per evaluation,
+    ``last.pt`` (resume state), ``best/`` (the self-describing checkpoint with the best val oIoU)
+    and ``final/``.
     """
     info = init_distributed(device)
     try:
@@ -135,7 +136,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
         if info.world > 1 else model
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
 
-    step, best = 0, -math.inf
+    step, best, elapsed = 0, -math.inf, 0.0
     if resume and (out / RESUME_FILE).is_file():
         state = load_resume_state(out / RESUME_FILE)
         if state["config"] != to_dict(cfg):
@@ -145,8 +146,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        step, best = state["step"], state["best"]
+        step, best, elapsed = state["step"], state["best"], state["elapsed_s"]
         _set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
+        if info.is_main:
+            _truncate_log(out / "log.jsonl", step)
     elif info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml", lambda p: p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
@@ -154,7 +157,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not info.is_main, dynamic_ncols=True)
     log_file = (out / "log.jsonl").open("a") if info.is_main else None
     loader_gen = torch.Generator()  # DataLoader base seeds must not draw from the global RNG
-    start = time.perf_counter()
+    start = time.perf_counter() - elapsed  # wall time of the whole run, across resumes
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, info.rank, info.world, cfg.grad_accum,
@@ -165,6 +168,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
                             persistent_workers=False, pin_memory=info.device.type == "cuda")
         model.train()
         micro = 0
+        window = torch.zeros(3, device=info.device)  # loss, bce, dice summed over this step's micro-batches
         for batch in loader:
             ids, pad = tokenizer(batch["text"])
             image, target = batch["image"].to(info.device), batch["mask"].to(info.device)
@@ -175,6 +179,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
                     logits = ddp(image, ids.to(info.device), pad.to(info.device))  # (b, 1, S, S)
                 losses = segmentation_loss(logits, target, cfg.loss.bce_weight, cfg.loss.dice_weight)
                 scaler.scale(losses["loss"] / cfg.grad_accum).backward()
+            window += torch.stack([losses["loss"], losses["bce"], losses["dice"]]).detach()
             micro += 1
             if not sync:
                 continue
@@ -188,27 +193,49 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
             scheduler.step()
             step += 1
             bar.update(1)
-            if info.is_main and (step % cfg.log_every == 0 or step == total_steps):
-                record = {"step": step, "epoch": step / steps_per_epoch, "loss": losses["loss"].item(),
-                          "bce": losses["bce"].item(), "dice": losses["dice"].item(),
-                          "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                          "elapsed_s": time.perf_counter() - start}
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+            if step % cfg.log_every == 0 or step == total_steps:
+                # The mean over the whole global batch (micro-batches and ranks are equal-sized), so
+                # the logged loss is the same for any world size x grad_accum.
+                mean = window / (cfg.grad_accum * info.world)
+                if info.world > 1:
+                    torch.distributed.all_reduce(mean)
+                loss, bce, dice = mean.tolist()
+                if info.is_main:
+                    record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "bce": bce,
+                              "dice": dice, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                              "elapsed_s": time.perf_counter() - start}
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+            window.zero_()
             if step % steps_per_epoch == 0:
                 epoch_done = step // steps_per_epoch
                 if epoch_done % cfg.eval_every == 0 or step == total_steps:
                     best = _validate(cfg, mcfg, model, val_source, tokenizer, tokenizer_file, info, amp_dtype,
                                      epoch_done, step, best, out)
             if step % steps_per_epoch == 0 or step % cfg.checkpoint_every == 0:
-                _save_resume(cfg, model, optimizer, scheduler, scaler, step, best, info, out)
+                _save_resume(cfg, model, optimizer, scheduler, scaler, step, best, time.perf_counter() - start,
+                             info, out)
     bar.close()
     if log_file:
         log_file.close()
     if info.is_main:
         save_pretrained(model, mcfg, out / "final", tokenizer_file)
     return out
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the resume point: those steps are about to be trained again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line the crash cut off
+    atomic_write(path, lambda p: p.write_text("".join(kept)))
 
 
 def _model_overrides(cfg: TrainConfig) -> dict[str, Any]:
@@ -235,7 +262,7 @@ def _validate(cfg: TrainConfig, mcfg, model, val_source, tokenizer, tokenizer_fi
     return max(best, result["overall"]["oIoU"])
 
 
-def _save_resume(cfg: TrainConfig, model, optimizer, scheduler, scaler, step: int, best: float,
+def _save_resume(cfg: TrainConfig, model, optimizer, scheduler, scaler, step: int, best: float, elapsed: float,
                  info: DistInfo, out: Path) -> None:
     """All ranks' RNG states are gathered so that each rank resumes its own stream."""
     rng = _rng_state()
@@ -248,5 +275,5 @@ def _save_resume(cfg: TrainConfig, model, optimizer, scheduler, scaler, step: in
         save_resume_state(out / RESUME_FILE, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "best": best, "rng": states, "config": to_dict(cfg),
+            "step": step, "best": best, "elapsed_s": elapsed, "rng": states, "config": to_dict(cfg),
         })
