@@ -15,6 +15,8 @@ from torch.utils.data import Dataset
 from sharedris.config import DataConfig
 from sharedris.data.transforms import image_to_tensor, mask_to_tensor
 
+REFER_DATASETS = ("refcoco", "refcoco+", "refcocog")  # read by sharedris.data.refer (imported lazily)
+
 
 class Source(Protocol):
     def __len__(self) -> int: ...
@@ -80,5 +82,10 @@ def build_source(cfg: DataConfig, split: str, train: bool) -> Source:
             seed=cfg.seed,
             shuffle_texts=cfg.shuffle_texts and train,
         )
-    raise ValueError(f"unknown dataset {cfg.dataset!r}; available: synthetic")
+    if cfg.dataset in REFER_DATASETS:
+        from sharedris.data.refer import RefDataset, data_root
+
+        return RefDataset(data_root(cfg.root), dataset=cfg.dataset, split_by=cfg.split_by, split=split,
+                          text_field=cfg.text_field)
+    raise ValueError(f"unknown dataset {cfg.dataset!r}; available: synthetic, {', '.join(REFER_DATASETS)}")
 
