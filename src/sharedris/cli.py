@@ -138,6 +138,39 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(report if len(report) > 1 else next(iter(report.values())), indent=2))
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from sharedris.serve.app import Limits, create_app
+    except ImportError:
+        raise UserError("install the serve extra: pip install 'sharedris[serve]'") from None
+
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                    max_texts=args.max_texts, max_text_chars=args.max_text_chars)
+    app = create_app(args.model, limits=limits, device=args.device)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> None:
+    from sharedris.export import export_onnx
+
+    path = export_onnx(_load_model(args.model, "cpu"), args.out, opset=args.opset)
+    print(f"wrote {path}")
+
+
+def _cmd_data_check(args: argparse.Namespace) -> None:
+    from sharedris.data.check import check_root
+
+    problems = check_root(args.root, dataset=args.dataset, split_by=args.split_by, image_root=args.image_root)
+    if problems:
+        print(f"{len(problems)} problem(s):")
+        for p in problems:
+            print(f"  - {p}")
+        raise UserError(f"{len(problems)} problem(s) in {args.root} (listed above)")
+    print(f"ok: {args.root} is complete and readable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sharedris", description="Single-encoder referring image segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +234,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default=None, help="write the metrics as JSON here")
     ev.set_defaults(func=_cmd_eval)
+
+    data = sub.add_parser("data", help="dataset utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    dc = data_sub.add_parser("check", help="check a refer-format data root (files, images, masks, counts)")
+    dc.add_argument("--root", required=True, help="folder holding refcoco/, refcoco+/, refcocog/ and images/")
+    dc.add_argument("--dataset", default=None, help="refcoco, refcoco+ or refcocog (default: every one present)")
+    dc.add_argument("--split-by", default=None, help="unc, umd or google (default: every refs file present)")
+    dc.add_argument("--image-root", default=None, help="default: <root>/images/train2014")
+    dc.set_defaults(func=_cmd_data_check)
+
+    sv = sub.add_parser("serve", help="HTTP API (POST /v1/segment, GET /healthz) and a demo page at /")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--model", default="default", help="'default' or a checkpoint folder")
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file accepted")
+    sv.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, width x height")
+    sv.add_argument("--max-texts", type=int, default=16, help="most expressions per request")
+    sv.add_argument("--max-text-chars", type=int, default=500, help="longest expression, in characters")
+    sv.set_defaults(func=_cmd_serve)
+
+    ex = sub.add_parser("export", help="export a model for other runtimes")
+    ex_sub = ex.add_subparsers(dest="what", required=True)
+    onnx = ex_sub.add_parser("onnx", help="ONNX graph (image, text ids, padding mask -> logits) for onnxruntime")
+    onnx.add_argument("--model", default="default", help="'default' or a checkpoint folder")
+    onnx.add_argument("-o", "--out", default="model.onnx", help="the .onnx file to write")
+    onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    onnx.set_defaults(func=_cmd_export_onnx)
     return parser
 
 

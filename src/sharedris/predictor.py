@@ -66,6 +66,9 @@ class Predictor:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"text {i} is a {type(t).__name__} ({t!r}), expected a str")
+            if not t.strip():
+                # an empty expression refers to nothing; a mask for it would be noise, not an answer
+                raise ValueError(f"expression {i + 1} is empty; give a phrase such as 'the man on the left'")
         img = load_image(image)
         W, H = img.size
         cfg = self.config

@@ -1,0 +1,45 @@
+"""A randomly initialised, very small Shared-RIS checkpoint folder and test images, for fast tests."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sharedris.modeling.pretrained import resolve_tokenizer, save_pretrained
+from sharedris.modeling.registry import build_model, model_config
+
+TINY_MODEL = {
+    "encoder": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64},
+    "image_size": 64,
+    "taps": (1, 1, 2, 2),
+    "fpn": {"width": 16, "num_heads": 1},
+    "decoder": {"width": 16, "num_heads": 1, "depth": 1},
+}
+
+
+def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """Write a tiny checkpoint folder (config.json, model.safetensors, tiny.spm) and return it."""
+    cfg = model_config("sharedris_tiny", **TINY_MODEL)
+    torch.manual_seed(seed)
+    return save_pretrained(build_model(cfg), cfg, folder, resolve_tokenizer(cfg))
+
+
+def scene(width: int, height: int, seed: int = 0) -> Image.Image:
+    """An RGB image with a few coloured rectangles on a noisy background."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 60, size=(height, width, 3), dtype=np.uint8)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, max(width // 2, 1)), rng.integers(0, max(height // 2, 1))
+        x1, y1 = x0 + max(width // 3, 1), y0 + max(height // 3, 1)
+        arr[y0:y1, x0:x1] = rng.integers(80, 256, size=3, dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **save_args) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save_args)
+    return buf.getvalue()

@@ -1,0 +1,83 @@
+"""ONNX export: onnxruntime gives PyTorch's logits at other batch sizes and text lengths than traced."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="install the dev extra: pip install -e '.[dev]'")
+pytest.importorskip("onnxscript", reason="install the dev extra: pip install -e '.[dev]'")
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from _tiny_model import save_tiny_model  # noqa: E402
+from sharedris.export import INPUT_NAMES, export_onnx  # noqa: E402
+from sharedris.modeling.pretrained import load_pretrained  # noqa: E402
+from sharedris.text import Tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    model = load_pretrained(save_tiny_model(folder / "tiny"))
+    return model, export_onnx(model, folder / "model.onnx")
+
+
+def _inputs(model, texts, text_len, seed):
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(len(texts), 3, cfg.image_size, cfg.image_size, generator=g)
+    ids, pad = Tokenizer(model.tokenizer_file, max_len=text_len)(texts)
+    return image, ids, pad
+
+
+@pytest.mark.parametrize("texts, text_len", [
+    (["the red box"], 24),  # batch 1, the model's own text length, with padding
+    (["a blue square on the far left", "the small one", "that", "the third green circle from the right"], 9),
+])
+def test_onnxruntime_matches_pytorch(exported, texts, text_len):
+    model, path = exported
+    image, ids, pad = _inputs(model, texts, text_len, seed=len(texts))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, dict(zip(INPUT_NAMES, (image.numpy(), ids.numpy(), pad.numpy()))))
+    with torch.inference_mode():
+        expected = model(image, ids, pad).numpy()
+    assert logits.shape == expected.shape == (len(texts), 1, model.config.image_size, model.config.image_size)
+    assert np.abs(logits - expected).max() <= 1e-3
+
+
+def test_graph_carries_the_model_config(exported):
+    model, path = exported
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["sharedris_config"]) == model.config.to_dict()
+
+
+def test_cli_export_of_a_missing_model_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sharedris", "export", "onnx", "--model", str(tmp_path / "nope"),
+                             "-o", str(tmp_path / "m.onnx")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("sharedris export: error:") and "does not exist" in result.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_large_models_keep_their_weights_beside_the_graph(exported, tmp_path, monkeypatch):
+    import sharedris.export
+
+    model, _ = exported
+    monkeypatch.setattr(sharedris.export, "_MAX_INLINE_BYTES", 0)  # as if the weights were over 2 GB
+    path = export_onnx(model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").is_file()
+    image, ids, pad = _inputs(model, ["the red box", "that"], 12, seed=3)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, dict(zip(INPUT_NAMES, (image.numpy(), ids.numpy(), pad.numpy()))))
+    with torch.inference_mode():
+        assert np.abs(logits - model(image, ids, pad).numpy()).max() <= 1e-3
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert "sharedris_config" in meta

@@ -1,0 +1,202 @@
+"""`sharedris predict` and `Predictor.predict` on good and bad user input.
+
+Bad input is one line on stderr and exit code 2, never a traceback. Expression rules, shared with
+the service: an empty (or blank) expression is an error; a long one is cut to the model's token
+length (the service instead refuses more than ``--max-text-chars``).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from _tiny_model import save_tiny_model, scene
+from sharedris.data.images import ImageError
+from sharedris.modeling.pretrained import load_pretrained
+from sharedris.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("predict") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir):
+    return Predictor(load_pretrained(model_dir))
+
+
+def _predict(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sharedris", "predict", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sharedris predict: error:")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_predict_writes_pngs_at_the_displayed_size_after_exif_rotation(tmp_path, model_dir):
+    # stored 40 wide x 24 high; EXIF orientation 6 (rotate 90 degrees clockwise) displays it 24 x 40
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    scene(40, 24, seed=1).save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    result = _predict("photo.jpg", "-t", "the red box", "-t", "the left one", "-o", "out", "--model", str(model_dir),
+                      "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["width"], report["height"]) == (24, 40)
+    assert [r["text"] for r in report["results"]] == ["the red box", "the left one"]
+    for r in report["results"]:
+        mask_png = Image.open(tmp_path / r["mask_png"])
+        assert mask_png.size == (24, 40)
+        overlay_png = Image.open(tmp_path / r["overlay_png"])
+        assert overlay_png.width == 24 and overlay_png.height > 40  # caption bar on top
+        rle = {"size": r["rle"]["size"], "counts": r["rle"]["counts"].encode("ascii")}
+        assert r["rle"]["size"] == [40, 24]
+        np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), np.asarray(mask_png) > 127)
+
+
+def test_predict_prints_one_line_per_expression_without_json(tmp_path, model_dir):
+    scene(30, 20).save(tmp_path / "a.png")
+    result = _predict("a.png", "-t", "the 🐱 on the left 👈", "-t", "左边的红色盒子", "-t", "word " * 2000,
+                      "--model", str(model_dir), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 3
+    assert len(list((tmp_path / "predictions").glob("a_*_overlay.png"))) == 3
+
+
+def _malicious_pickle(marker) -> bytes:
+    class Payload:  # unpickling this calls open(marker, "w"), i.e. runs code
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    return pickle.dumps({"weight": Payload()})
+
+
+@pytest.mark.parametrize("case", ["corrupt", "zero_byte", "text_file", "bomb", "missing_image", "missing_model",
+                                  "pickle_weights", "torch_save_weights", "empty_text", "blank_text"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, model_dir, case):
+    image, texts, model, needles = "img.png", ["the red box"], str(model_dir), []
+    marker = tmp_path / "pwned"
+    scene(30, 20).save(tmp_path / "img.png")
+    if case == "corrupt":
+        data = (tmp_path / "img.png").read_bytes()
+        (tmp_path / "img.png").write_bytes(data[: len(data) // 2])
+        needles = ["img.png", "corrupt or truncated"]
+    elif case == "zero_byte":
+        (tmp_path / "img.png").write_bytes(b"")
+        needles = ["img.png", "empty (0 bytes)"]
+    elif case == "text_file":
+        image = "notes.txt"
+        (tmp_path / image).write_text("not an image\n" * 20)
+        needles = ["notes.txt", "not an image file"]
+    elif case == "bomb":
+        # 100 M pixels (> Pillow's 89 M limit) in a 1-bit PNG of a few kB; Pillow refuses at open
+        image = "bomb.png"
+        Image.new("1", (10_000, 10_000)).save(tmp_path / image)
+        needles = ["bomb.png", "decompression bomb"]
+    elif case == "missing_image":
+        image, needles = "nope.jpg", ["nope.jpg", "does not exist"]
+    elif case == "missing_model":
+        model, needles = str(tmp_path / "no_model"), ["no_model", "does not exist"]
+    elif case in ("pickle_weights", "torch_save_weights"):
+        model = str(tmp_path / "evil")
+        save_tiny_model(tmp_path / "evil")
+        if case == "pickle_weights":
+            (tmp_path / "evil" / "model.safetensors").write_bytes(_malicious_pickle(marker))
+        else:
+            torch.save({"weight": torch.zeros(1)}, tmp_path / "evil" / "model.safetensors")
+        needles = ["model.safetensors", "not a readable safetensors file"]
+    elif case == "empty_text":
+        texts, needles = [""], ["expression 1 is empty"]
+    elif case == "blank_text":
+        texts, needles = ["the box", "  "], ["expression 2 is empty"]
+    args = [image, *[a for t in texts for a in ("-t", t)], "--model", model]
+    _assert_user_error(_predict(*args, cwd=tmp_path), *needles)
+    assert not marker.exists()
+    assert not (tmp_path / "predictions").exists() or not any((tmp_path / "predictions").iterdir())
+
+
+def test_malicious_pickle_payload_is_live(tmp_path):
+    """The refused payload above would really have run: unpickling it creates the marker."""
+    marker = tmp_path / "pwned"
+    pickle.loads(_malicious_pickle(marker))
+    assert marker.exists()
+
+
+# ------------------------------------------------------------------------------------- Python
+def _png_16bit(tmp_path) -> Image.Image:
+    arr = (np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100).astype(np.uint16)
+    Image.fromarray(arr).save(tmp_path / "deep.png")  # saved as 16-bit greyscale
+    img = Image.open(tmp_path / "deep.png")
+    assert img.mode.startswith("I")
+    return img
+
+
+@pytest.mark.parametrize("kind", ["path", "str_path", "bytes", "pil", "array_rgb", "array_grey", "array_rgba",
+                                  "grey", "rgba", "palette", "16bit", "cmyk"])
+def test_predict_accepts_any_image_input(tmp_path, predictor, kind):
+    base = scene(30, 20, seed=2)
+    base.save(tmp_path / "base.png")
+    src = {
+        "path": lambda: tmp_path / "base.png",
+        "str_path": lambda: str(tmp_path / "base.png"),
+        "bytes": lambda: (tmp_path / "base.png").read_bytes(),
+        "pil": lambda: base,
+        "array_rgb": lambda: np.asarray(base),
+        "array_grey": lambda: np.asarray(base.convert("L")),
+        "array_rgba": lambda: np.asarray(base.convert("RGBA")),
+        "grey": lambda: base.convert("L"),
+        "rgba": lambda: base.convert("RGBA"),
+        "palette": lambda: base.convert("P"),
+        "16bit": lambda: _png_16bit(tmp_path),
+        "cmyk": lambda: base.convert("CMYK"),
+    }[kind]()
+    texts = ["the red box", "the left one"]
+    pred = predictor.predict(src, texts)
+    assert pred.masks.shape == (2, 20, 30) and pred.masks.dtype == bool
+    assert pred.scores.shape == (2,) and np.all((pred.scores >= 0) & (pred.scores <= 1))
+    if kind in ("path", "str_path", "bytes", "pil", "array_rgb", "array_rgba"):  # same pixels, same masks
+        np.testing.assert_array_equal(pred.masks, predictor.predict(base, texts).masks)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2000, 3), (3, 2000)])
+def test_predict_on_tiny_and_extreme_aspect_images(predictor, size):
+    pred = predictor.predict(scene(*size), "the box")
+    assert pred.masks.shape == (1, size[1], size[0])
+
+
+def test_predict_expression_rules(predictor):
+    img = scene(16, 16)
+    with pytest.raises(ValueError, match="expression 1 is empty"):
+        predictor.predict(img, "")
+    with pytest.raises(ValueError, match="expression 2 is empty"):
+        predictor.predict(img, ["a", " \n"])
+    with pytest.raises(ValueError, match="at least one"):
+        predictor.predict(img, [])
+    # a long expression is cut to the model's token length: same result as its first few words
+    long = "the red box " * 1000
+    np.testing.assert_array_equal(predictor.predict(img, long).masks, predictor.predict(img, long[:300]).masks)
+    assert predictor.predict(img, ["🐱👈", "左边的红色盒子"]).masks.shape == (2, 16, 16)
+
+
+def test_predict_refuses_bad_arrays(predictor):
+    with pytest.raises(ImageError, match="uint8"):
+        predictor.predict(np.zeros((4, 4, 3), dtype=np.float32), "a")
+    with pytest.raises(ImageError, match="shape"):
+        predictor.predict(np.zeros((4, 4, 2), dtype=np.uint8), "a")

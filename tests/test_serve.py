@@ -1,0 +1,259 @@
+"""The HTTP service: results equal the Predictor's, every bad request is a 4xx JSON sentence, and
+the service keeps serving afterwards."""
+
+from __future__ import annotations
+
+import io
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="install the dev extra: pip install -e '.[dev]'")
+from fastapi.testclient import TestClient  # noqa: E402
+from pycocotools import mask as mask_utils  # noqa: E402
+
+from _tiny_model import encode, save_tiny_model, scene  # noqa: E402
+from sharedris.modeling.pretrained import load_pretrained  # noqa: E402
+from sharedris.predictor import Predictor  # noqa: E402
+from sharedris.serve.app import FORM_ALLOWANCE, Limits, create_app  # noqa: E402
+
+LIMITS = Limits(max_upload_bytes=200_000, max_pixels=1_000_000, max_texts=4, max_text_chars=500)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir):
+    return Predictor(load_pretrained(model_dir))
+
+
+@pytest.fixture(scope="module")
+def client(model_dir):
+    with TestClient(create_app(model_dir, limits=LIMITS)) as c:
+        yield c
+
+
+def _post(client, image: bytes | None, texts, fmt: str | None = None, filename: str = "photo.png"):
+    files = {"image": (filename, image, "application/octet-stream")} if image is not None else None
+    data = {"text": texts} if texts is not None else None
+    params = {"format": fmt} if fmt else None
+    return client.post("/v1/segment", files=files, data=data, params=params)
+
+
+def _decode(rle: dict) -> np.ndarray:
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
+
+
+def _assert_still_serving(client) -> None:
+    r = _post(client, encode(scene(20, 16, seed=9)), ["the red box"])
+    assert r.status_code == 200, r.text
+    assert (r.json()["width"], r.json()["height"]) == (20, 16)
+
+
+def _assert_error(r, status: int, *needles: str) -> str:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str) and "\n" not in body["error"]
+    for needle in needles:
+        assert needle in body["error"]
+    return body["error"]
+
+
+def test_healthz(client, model_dir):
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    assert r.json()["status"] == "ok" and r.json()["model"] == str(model_dir)
+
+
+def test_demo_page_is_served(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    for element_id in ('id="image"', 'id="texts"', 'id="segment"', "/v1/segment?format=overlay"):
+        assert element_id in r.text
+
+
+def test_segment_returns_rle_masks_equal_to_the_predictor(client, predictor):
+    img = scene(40, 30, seed=1)
+    texts = ["the red box", "a blue square on the left"]
+    r = _post(client, encode(img), texts)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["width"], body["height"]) == (40, 30)
+    assert set(body["timings_ms"]) == {"decode", "inference", "encode"}
+    expected = predictor.predict(img, texts)
+    assert [res["text"] for res in body["results"]] == texts
+    for res, mask, score in zip(body["results"], expected.masks, expected.scores):
+        assert res["rle"]["size"] == [30, 40]
+        np.testing.assert_array_equal(_decode(res["rle"]), mask)
+        assert res["score"] == pytest.approx(float(score), abs=1e-4)
+
+
+def test_png_and_overlay_formats(client, predictor):
+    img = scene(33, 21, seed=2)
+    r = _post(client, encode(img), ["the red box"], fmt="png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    mask = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert mask.shape == (21, 33) and set(np.unique(mask)) <= {0, 255}
+    np.testing.assert_array_equal(mask > 127, predictor.predict(img, "the red box").masks[0])
+    assert float(r.headers["X-Sharedris-Score"]) >= 0
+    r = _post(client, encode(img), ["the red box"], fmt="overlay")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    shown = Image.open(io.BytesIO(r.content))
+    assert shown.width == 33 and shown.height > 21  # the caption bar sits above the image
+
+
+def _chunked_multipart(image: bytes, text: str):
+    """A multipart body sent without Content-Length, so the limit must be enforced while reading."""
+    boundary = "sharedris-test-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\n{text}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def chunks():
+        yield head
+        for i in range(0, len(image), 16384):
+            yield image[i:i + 16384]
+        yield tail
+
+    return chunks(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+@pytest.mark.parametrize("case", ["too_many_texts", "text_too_long", "empty_text", "blank_text", "upload_too_big",
+                                  "chunked_upload_too_big", "too_many_pixels", "two_texts_as_png", "bad_format",
+                                  "missing_image", "missing_text", "image_as_plain_field", "not_multipart"])
+def test_limits_and_bad_requests_are_4xx_json_and_the_service_keeps_serving(client, case):
+    good = encode(scene(24, 18, seed=3))
+    if case == "too_many_texts":
+        _assert_error(_post(client, good, ["a"] * 5), 400, "5 expressions", "at most 4")
+    elif case == "text_too_long":
+        _assert_error(_post(client, good, ["ok", "x" * 501]), 400, "expression 2", "501 characters", "at most 500")
+    elif case == "empty_text":
+        _assert_error(_post(client, good, [""]), 400, "expression 1 is empty")
+    elif case == "blank_text":
+        _assert_error(_post(client, good, ["the box", "   "]), 400, "expression 2 is empty")
+    elif case == "upload_too_big":
+        big = np.random.default_rng(0).integers(0, 256, LIMITS.max_upload_bytes + FORM_ALLOWANCE, dtype=np.uint8)
+        _assert_error(_post(client, big.tobytes(), ["a"]), 413, "larger than")
+    elif case == "chunked_upload_too_big":
+        big = np.random.default_rng(0).integers(0, 256, LIMITS.max_upload_bytes + FORM_ALLOWANCE, dtype=np.uint8)
+        content, headers = _chunked_multipart(big.tobytes(), "the box")
+        _assert_error(client.post("/v1/segment", content=content, headers=headers), 413, "larger than")
+    elif case == "too_many_pixels":
+        _assert_error(_post(client, encode(Image.new("RGB", (1100, 1000))), ["a"]), 413,
+                      "1100x1000", "at most 1,000,000")
+    elif case == "two_texts_as_png":
+        _assert_error(_post(client, good, ["a", "b"], fmt="png"), 400, "exactly one expression")
+    elif case == "bad_format":
+        _assert_error(_post(client, good, ["a"], fmt="jpeg"), 400, "format must be one of")
+    elif case == "missing_image":
+        _assert_error(_post(client, None, ["a"]), 422, "'image' is missing")
+    elif case == "missing_text":
+        _assert_error(_post(client, good, None), 422, "'text' is missing")
+    elif case == "image_as_plain_field":
+        _assert_error(client.post("/v1/segment", data={"image": "not a file", "text": "a"}), 422, "'image'")
+    elif case == "not_multipart":
+        _assert_error(client.post("/v1/segment", json={"image": "x", "text": ["a"]}), 422, "missing")
+    _assert_still_serving(client)
+
+
+def test_unknown_path_and_method_are_json(client):
+    _assert_error(client.get("/v2/segment"), 404, "does not exist")
+    _assert_error(client.get("/v1/segment"), 405, "does not accept GET")
+
+
+@pytest.mark.parametrize("case", ["corrupt", "zero_byte", "text_file", "bomb", "bomb_warning_range"])
+def test_bad_images_are_400_with_the_loader_sentence(client, monkeypatch, case):
+    png = encode(scene(30, 20, seed=4))
+    if case == "corrupt":
+        data, needle = png[: len(png) // 2], "corrupt or truncated"
+    elif case == "zero_byte":
+        data, needle = b"", "is empty (0 bytes)"
+    elif case == "text_file":
+        data, needle = b"just some text, not an image\n" * 10, "not an image file"
+    else:
+        # Pillow reads its limit at call time, so a lowered limit makes a small PNG a "bomb":
+        # above 2x the limit Pillow raises at open, between 1x and 2x it only warns (we refuse both).
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+        data = encode(Image.new("RGB", (200, 200) if case == "bomb" else (150, 100)))
+        needle = "decompression bomb"
+    _assert_error(_post(client, data, ["the box"]), 400, needle)
+    monkeypatch.undo()
+    _assert_still_serving(client)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2000, 3), (3, 700)])
+def test_tiny_and_extreme_aspect_images_work(client, predictor, size):
+    img = scene(*size, seed=5)
+    r = _post(client, encode(img), ["the box"])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["width"], body["height"]) == size
+    mask = _decode(body["results"][0]["rle"])
+    assert mask.shape == (size[1], size[0])
+    np.testing.assert_array_equal(mask, predictor.predict(img, "the box").masks[0])
+
+
+def test_emoji_and_cjk_text_work(client):
+    texts = ["the 🐱 on the left 👈", "左边的红色盒子", "the café's naïve sign"]
+    r = _post(client, encode(scene(32, 32, seed=6)), texts)
+    assert r.status_code == 200, r.text
+    assert [res["text"] for res in r.json()["results"]] == texts
+
+
+def test_ten_thousand_character_text_is_refused(client):
+    _assert_error(_post(client, encode(scene(16, 16)), ["word " * 2000]), 400, "10,000 characters")
+    _assert_still_serving(client)
+
+
+def test_parallel_clients_get_the_sequential_results(client, predictor):
+    jobs = [(scene(20 + 3 * i, 30 - 2 * i, seed=10 + i), [f"box number {i}", "the left one"][: 1 + i % 2])
+            for i in range(8)]
+    expected = [predictor.predict(img, texts).masks for img, texts in jobs]
+
+    def call(job):
+        img, texts = job
+        return _post(client, encode(img), texts)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(call, jobs))
+    for (img, texts), r, masks in zip(jobs, responses, expected):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["width"], body["height"]) == img.size
+        assert [res["text"] for res in body["results"]] == texts
+        for res, mask in zip(body["results"], masks):
+            np.testing.assert_array_equal(_decode(res["rle"]), mask)
+
+
+def test_bad_limits_are_refused():
+    with pytest.raises(ValueError, match="max_texts"):
+        Limits(max_texts=0)
+
+
+def test_serve_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
+    from sharedris.cli import main
+
+    for name in ("fastapi", "uvicorn", "sharedris.serve.app"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--model", "default"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "sharedris serve: error: install the serve extra: pip install 'sharedris[serve]'"
+
+
+def test_exif_orientation_is_applied(client):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40x24, displayed rotated: 24 wide, 40 high
+    r = _post(client, encode(scene(40, 24), "JPEG", exif=exif.tobytes()), ["the box"], filename="photo.jpg")
+    assert r.status_code == 200, r.text
+    assert (r.json()["width"], r.json()["height"]) == (24, 40)
+    assert r.json()["results"][0]["rle"]["size"] == [40, 24]
