@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi", reason="install the dev extra: pip install -e '.[dev]'")
-from fastapi.testclient import TestClient  # noqa: E402
-from pycocotools import mask as mask_utils  # noqa: E402
+from fastapi.testclient import TestClient  # the dev extra; a missing install fails rather than skips
+from pycocotools import mask as mask_utils
 
-from _tiny_model import encode, save_tiny_model, scene  # noqa: E402
-from sharedris.modeling.pretrained import load_pretrained  # noqa: E402
-from sharedris.predictor import Predictor  # noqa: E402
-from sharedris.serve.app import FORM_ALLOWANCE, Limits, create_app  # noqa: E402
+from _tiny_model import encode, save_tiny_model, scene
+from sharedris.modeling.pretrained import load_pretrained
+from sharedris.predictor import Predictor
+from sharedris.serve.app import FORM_ALLOWANCE, Limits, create_app
 
 LIMITS = Limits(max_upload_bytes=200_000, max_pixels=1_000_000, max_texts=4, max_text_chars=500)
 
