@@ -171,6 +171,15 @@ def _cmd_data_check(args: argparse.Namespace) -> None:
     print(f"ok: {args.root} is complete and readable")
 
 
+def _cmd_data_tokenizer(args: argparse.Namespace) -> None:
+    from sharedris.data.synthetic import SyntheticRefScenes
+    from sharedris.text import train_tokenizer
+
+    scenes = SyntheticRefScenes("train", size=128, length=args.scenes, seed=args.seed)
+    texts = [t for i in range(len(scenes)) for t in scenes[i]["texts"]]
+    print(f"wrote {train_tokenizer(texts, args.out, args.vocab_size)} from {len(texts)} expressions")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sharedris", description="Single-encoder referring image segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--split-by", default=None, help="unc, umd or google (default: every refs file present)")
     dc.add_argument("--image-root", default=None, help="default: <root>/images/train2014")
     dc.set_defaults(func=_cmd_data_check)
+    dt = data_sub.add_parser("tokenizer", help="train the small tokenizer of models trained from scratch (tiny.spm)")
+    dt.add_argument("-o", "--out", required=True, help="output .spm file")
+    dt.add_argument("--vocab-size", type=int, default=511, help="pieces (ids = pieces + 1)")
+    dt.add_argument("--scenes", type=int, default=3000, help="synthetic training scenes to read expressions from")
+    dt.add_argument("--seed", type=int, default=0)
+    dt.set_defaults(func=_cmd_data_tokenizer)
 
     sv = sub.add_parser("serve", help="HTTP API (POST /v1/segment, GET /healthz) and a demo page at /")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
