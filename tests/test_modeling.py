@@ -196,12 +196,12 @@ def test_tiny_builds_and_runs():
 
 
 def test_overrides_nest_and_image_size_sets_the_encoder():
-    cfg = model_config("sharedris_tiny", image_size=96, fpn={"width": 64, "shared_levels": [5, 4]},
-                       decoder={"width": 64})
-    assert cfg.encoder.image_size == 96 and cfg.fpn.shared_levels == (5, 4)
-    assert model_config("sharedris_tiny").fpn.width == 128  # the registry hands out fresh configs
+    cfg = model_config("sharedris_tiny", image_size=96, fpn={"width": 48, "shared_levels": [5, 4]},
+                       decoder={"width": 48})
+    assert cfg.encoder.image_size == 96 and cfg.fpn.shared_levels == (5, 4) and cfg.fpn.width == 48
+    assert model_config("sharedris_tiny").fpn.width == 64  # the registry hands out fresh configs
     with pytest.raises(ValueError, match="decoder.width"):
-        model_config("sharedris_tiny", fpn={"width": 64})
+        model_config("sharedris_tiny", fpn={"width": 32})
     with pytest.raises(ValueError, match="image_size"):
         model_config("sharedris_tiny", encoder={"image_size": 96})
 

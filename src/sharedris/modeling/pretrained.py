@@ -46,13 +46,18 @@ def resolve_tokenizer(cfg: ModelConfig, explicit: str | Path | None = None) -> P
     return bundled
 
 
-def save_pretrained(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, tokenizer_file: str | Path) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and the tokenizer into ``out_dir``, each atomically."""
+def save_pretrained(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, tokenizer_file: str | Path,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer into ``out_dir``, each atomically.
+
+    ``dtype=torch.float16`` halves the file (the bundled default model); :func:`load_pretrained`
+    always returns fp32 weights.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
     atomic_write(out / cfg.tokenizer, lambda p: shutil.copyfile(tokenizer_file, p))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict()}
