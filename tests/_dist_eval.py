@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import torch
+from _tiny_model import TINY_MODEL
 from torch import Tensor, nn
 
 from sharedris.data.datasets import RISSamples
@@ -20,13 +21,6 @@ from sharedris.modeling.pretrained import resolve_tokenizer
 from sharedris.modeling.registry import build_model, model_config
 from sharedris.text import Tokenizer
 
-TINY_MODEL = {
-    "encoder": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64},
-    "image_size": 64,
-    "taps": [1, 1, 2, 2],
-    "fpn": {"width": 16, "num_heads": 1},
-    "decoder": {"width": 16, "num_heads": 1, "depth": 1},
-}
 NUM_SAMPLES = 13  # odd: the two ranks' shards differ in size
 
 

@@ -15,7 +15,6 @@ import time
 import urllib.request
 
 import pytest
-
 from _tiny_model import save_tiny_model, scene
 
 pytestmark = pytest.mark.slow

@@ -6,17 +6,11 @@ import sys
 
 import pytest
 import torch
+from _tiny_model import TINY_MODEL
 
 from sharedris.modeling.pretrained import PretrainedError, load_pretrained, resolve_tokenizer, save_pretrained
 from sharedris.modeling.registry import build_model, model_config
 
-TINY_MODEL = {
-    "encoder": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64},
-    "image_size": 64,
-    "taps": [1, 1, 2, 2],
-    "fpn": {"width": 16, "num_heads": 1},
-    "decoder": {"width": 16, "num_heads": 1, "depth": 1},
-}
 TINY_TRAIN = [f"model_overrides={json.dumps(TINY_MODEL)}", "data.synthetic_image_size=64",
               "data.synthetic_train_size=16", "data.synthetic_eval_size=4", "data.num_workers=0",
               "batch_size=8", "epochs=1", "amp=none"]

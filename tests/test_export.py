@@ -7,13 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
-import torch
-
 import onnx  # the dev extra; a missing install fails rather than skips
 import onnxruntime as ort
-
+import pytest
+import torch
 from _tiny_model import save_tiny_model
+
 from sharedris.export import INPUT_NAMES, export_onnx
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.text import Tokenizer

@@ -15,23 +15,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _tiny_model import save_tiny_model, scene
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from _tiny_model import save_tiny_model, scene
 from sharedris.data.images import ImageError
-from sharedris.modeling.pretrained import load_pretrained
-from sharedris.predictor import Predictor
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("predict") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def predictor(model_dir):
-    return Predictor(load_pretrained(model_dir))
 
 
 def _predict(*args: str, cwd) -> subprocess.CompletedProcess:

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny_model import TINY_MODEL
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sharedris.cli import main
 from sharedris.config import DataConfig, TrainConfig, merge
 from sharedris.data.datasets import build_source
-from sharedris.data.refer import ReferError, RefDataset, decode_segmentation, load_refs
+from sharedris.data.refer import RefDataset, ReferError, decode_segmentation, load_refs
 from sharedris.data.synthetic import write_refer_format
 from sharedris.modeling.pretrained import resolve_tokenizer, save_pretrained
 from sharedris.modeling.registry import build_model, model_config
@@ -32,13 +33,6 @@ from sharedris.train.loop import train
 
 SIZE = 64
 SPLITS = {"train": 3, "val": 2, "testA": 2, "testB": 2}
-TINY_MODEL = {
-    "encoder": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64},
-    "image_size": 64,
-    "taps": [1, 1, 2, 2],
-    "fpn": {"width": 16, "num_heads": 1},
-    "decoder": {"width": 16, "num_heads": 1, "depth": 1},
-}
 LATIN1_MARKER = "LATIN1PLACEHOLDER"
 
 

@@ -9,27 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image
-
+from _tiny_model import encode, scene
 from fastapi.testclient import TestClient  # the dev extra; a missing install fails rather than skips
+from PIL import Image
 from pycocotools import mask as mask_utils
 
-from _tiny_model import encode, save_tiny_model, scene
-from sharedris.modeling.pretrained import load_pretrained
-from sharedris.predictor import Predictor
 from sharedris.serve.app import FORM_ALLOWANCE, Limits, create_app
 
 LIMITS = Limits(max_upload_bytes=200_000, max_pixels=1_000_000, max_texts=4, max_text_chars=500)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("serve") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def predictor(model_dir):
-    return Predictor(load_pretrained(model_dir))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _tiny_model import TINY_MODEL
 from safetensors.torch import load_file
 
 import sharedris.train.loop as loop
@@ -30,13 +31,6 @@ from sharedris.train.optim import build_optimizer, build_scheduler, param_groups
 TESTS = Path(__file__).parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
-TINY_MODEL = {
-    "encoder": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64},
-    "image_size": 64,
-    "taps": [1, 1, 2, 2],
-    "fpn": {"width": 16, "num_heads": 1},
-    "decoder": {"width": 16, "num_heads": 1, "depth": 1},
-}
 # 32 samples / batch 8 = 4 steps per epoch, 8 steps in all.
 TINY_RUN = {
     "model": "sharedris_tiny",
