@@ -78,3 +78,16 @@ def test_large_models_keep_their_weights_beside_the_graph(exported, tmp_path, mo
         assert np.abs(logits - model(image, ids, pad).numpy()).max() <= 1e-3
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     assert "sharedris_config" in meta
+
+
+@pytest.mark.slow
+def test_default_model_exports_within_tolerance(tmp_path):
+    """The issue's check on the shipped model: ORT logits within 1e-3 of PyTorch's, batch and length dynamic."""
+    model = load_pretrained("default")
+    path = export_onnx(model, tmp_path / "default.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for texts, text_len in ((["the yellow diamond"], 24), (["the big star", "the circle on the left", "red"], 11)):
+        image, ids, pad = _inputs(model, texts, text_len, seed=len(texts))
+        (logits,) = session.run(None, dict(zip(INPUT_NAMES, (image.numpy(), ids.numpy(), pad.numpy()))))
+        with torch.inference_mode():
+            assert np.abs(logits - model(image, ids, pad).numpy()).max() <= 1e-3
