@@ -1,7 +1,9 @@
 """Behaviour of our BEiT-3 encoder and its official-checkpoint loader (tiny configs, fast)."""
 
 import argparse
+import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from sharedris.modeling.beit3 import (
     BEiT3Config,
     CheckpointError,
     resample_vision_positions,
+    sincos_2d,
 )
 
 
@@ -233,3 +236,23 @@ def test_conv_stem_keeps_the_token_grid():
     assert enc(image, ids, pad).shape == (2, 8 * 8 + 1 + 8, 32)
     with pytest.raises(ValueError, match="power-of-two"):
         BEiT3(BEiT3Config.tiny(image_size=96, patch_size=12, stem="conv"))
+
+
+def test_sincos_positions_encode_row_and_column():
+    cfg = BEiT3Config.tiny(image_size=64, patch_size=8, depth=1, embed_dim=32, num_heads=2, mlp_dim=64,
+                           vocab_size=50, pos_init="sincos")
+    table = BEiT3(cfg).pos_embed_vision.detach()
+    codes = table[3:]  # rows 0-1: unused offset, row 2: CLS, then the 8x8 patches row-major
+    assert torch.equal(codes, sincos_2d(8, 32))
+    grid = codes.reshape(8, 8, 32)
+    assert torch.equal(grid[2, 0, :16], grid[2, 7, :16])  # the first half depends on the row only
+    assert torch.equal(grid[0, 5, 16:], grid[7, 5, 16:])  # the second half on the column only
+    # column 6, the sines of the first two of 8 frequencies: 1 and 10000^(-1/8)
+    assert grid[4, 6, 16:18].tolist() == pytest.approx([math.sin(6.0), math.sin(6 * 10000 ** (-1 / 8))], abs=1e-6)
+    near, far = (grid[3, 3] - grid[3, 4]).norm(), (grid[3, 3] - grid[3, 7]).norm()
+    assert near < far  # nearby patches get similar codes
+    assert not torch.equal(BEiT3(replace(cfg, pos_init="normal")).pos_embed_vision[3:], codes)
+    with pytest.raises(ValueError, match="pos_init"):
+        BEiT3(replace(cfg, pos_init="learned"))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(4, 30)

@@ -42,6 +42,10 @@ class BEiT3Config:
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
     stem: str = "patch"  # "patch": one Conv2d (official); "conv": stride-2 3x3 convs (tiny, from scratch)
+    # Initial patch positions: "normal" (small random, what pretrained weights then overwrite) or
+    # "sincos" (2-D sine-cosine of the patch's row and column; still trained). From scratch, random
+    # positions must first be learned before "leftmost" or "closest to" can be.
+    pos_init: str = "normal"
 
     @classmethod
     def base(cls, image_size: int = 224, **overrides) -> "BEiT3Config":
@@ -124,6 +128,8 @@ class BEiT3(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed_vision = nn.Parameter(torch.zeros(cfg.num_vision_tokens + POSITION_OFFSET, D))
         self.pos_embed_text = nn.Parameter(torch.zeros(cfg.max_text_positions, D))
+        if cfg.pos_init not in ("normal", "sincos"):
+            raise ValueError(f"unknown pos_init {cfg.pos_init!r}; use 'normal' or 'sincos'")
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # also under meta
         self.blocks = nn.ModuleList(
             MultiwayBlock(D, cfg.num_heads, cfg.mlp_dim, cfg.layernorm_eps, drop_path=r) for r in rates
@@ -141,6 +147,9 @@ class BEiT3(nn.Module):
                 nn.init.normal_(m.weight, std=self.cfg.embed_dim**-0.5)
         for p in (self.cls_token, self.pos_embed_vision, self.pos_embed_text):
             nn.init.trunc_normal_(p, std=0.02)
+        if self.cfg.pos_init == "sincos":
+            with torch.no_grad():
+                self.pos_embed_vision[POSITION_OFFSET + 1:] = sincos_2d(self.cfg.grid_size, self.cfg.embed_dim)
 
     # ----------------------------------------------------------------- interface for dense heads
     @property
@@ -255,6 +264,18 @@ class BEiT3(nn.Module):
             own[name].copy_(tensor)
             report.loaded.append(name)
         return report
+
+
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """(grid*grid, dim) 2-D sine-cosine position codes, row-major: a quarter of the channels each
+    for sin/cos of the row and of the column, at geometrically spaced frequencies."""
+    if dim % 4:
+        raise ValueError(f"sincos positions need a width divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    pos = torch.arange(grid, dtype=torch.float64)[:, None] * freqs  # (grid, dim/4)
+    rows = torch.cat([pos.sin(), pos.cos()], dim=1)  # (grid, dim/2)
+    codes = torch.cat([rows[:, None].expand(grid, grid, -1), rows[None].expand(grid, grid, -1)], dim=2)
+    return codes.reshape(grid * grid, dim).float()
 
 
 def resample_vision_positions(table: Tensor, grid: int) -> Tensor:
