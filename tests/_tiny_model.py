@@ -16,7 +16,7 @@ TINY_MODEL = {
     "encoder": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64},
     "image_size": 64,
     "taps": (1, 1, 2, 2),
-    "fpn": {"width": 16, "num_heads": 1},
+    "fpn": {"width": 16, "num_heads": 1, "fine_width": 8},
     "decoder": {"width": 16, "num_heads": 1, "depth": 1},
 }
 

@@ -24,7 +24,7 @@ def _small(image_size: int = 64, patch_size: int = 8, **overrides) -> ModelConfi
     kw = dict(
         image_size=image_size, text_len=8, taps=(1, 2, 3, 4),
         encoder=dict(depth=4, embed_dim=32, num_heads=2, mlp_dim=64, vocab_size=50, patch_size=patch_size),
-        fpn=dict(width=32, num_heads=2), decoder=dict(width=32, num_heads=2),
+        fpn=dict(width=32, num_heads=2, fine_width=0), decoder=dict(width=32, num_heads=2),
     )
     return model_config("sharedris_tiny", **{**kw, **overrides})
 
@@ -68,6 +68,32 @@ def test_every_stage_has_the_documented_shapes(image_size, patch_size):
     assert torch.isfinite(full).all()
 
 
+@pytest.mark.parametrize("image_size, patch_size", [(64, 8), (80, 16)])  # P1 at stride 1, and at stride 2
+def test_a_fine_level_doubles_the_pixel_resolution_and_sees_the_image(image_size, patch_size):
+    cfg = _small(image_size, patch_size, fpn=dict(width=32, num_heads=2, fine_width=8))
+    model = build_model(cfg).eval()
+    image, ids, pad = _inputs(cfg)
+    g = cfg.encoder.grid_size
+    with torch.no_grad():
+        taps = model.encoder.forward_intermediates(image, ids, pad, cfg.taps)
+        feats = model.fpn(taps, pad, g, image)
+        logits = model.decoder(feats.pixel, feats.mid, feats.text, pad)
+        with pytest.raises(ValueError, match="pass the image"):
+            model.fpn(taps, pad, g)
+    assert feats.pixel.shape == (2, 8, 8 * g, 8 * g) and logits.shape == (2, 1, 8 * g, 8 * g)
+    # The image reaches the mask by the fine level as well as through the encoder: with the encoder's
+    # taps held fixed, changing one pixel still changes the logits next to it.
+    probe = image.clone().requires_grad_(True)
+    out = model.decoder(*model.fpn(taps, pad, g, probe)[:3], pad)
+    out[0, 0, 5, 5].backward()
+    assert probe.grad[0, :, 5, 5].abs().sum() > 0 and probe.grad[1].abs().sum() == 0
+    with pytest.raises(ValueError, match="divisible by 8"):
+        build_model(_small(60, 4, encoder=dict(depth=4, embed_dim=32, num_heads=2, mlp_dim=64, vocab_size=50,
+                                               patch_size=4, stem="conv"), fpn=dict(width=32, fine_width=8)))
+    with pytest.raises(ValueError, match="fine_width"):
+        FPNConfig(fine_width=-1)
+
+
 def test_levels_without_a_shared_block_are_conv_only():
     fpn = SharedFPN(32, FPNConfig(width=32, num_heads=2, shared_levels=(5, 3)))
     assert isinstance(fpn.levels["p4"], ConvLevel)
@@ -94,9 +120,10 @@ def test_train_and_eval_return_the_same_type():
         assert model(image, ids).shape == out_eval.shape  # no padding mask: every token is real
 
 
-def test_every_trainable_parameter_gets_a_gradient():
+@pytest.mark.parametrize("fine_width", [0, 8])
+def test_every_trainable_parameter_gets_a_gradient(fine_width):
     """DDP without find_unused_parameters requires it; the encoder's final norm is frozen (never run)."""
-    cfg = _small()
+    cfg = _small(fpn=dict(width=32, num_heads=2, fine_width=fine_width))
     model = build_model(cfg)
     image, ids, pad = _inputs(cfg)
     target = torch.zeros(2, 1, cfg.image_size, cfg.image_size)
@@ -170,7 +197,9 @@ def test_registered_models():
     assert (large.taps, large.encoder.depth, large.encoder.embed_dim) == ((8, 12, 16, 24), 24, 1024)
     assert base.fpn.width == large.fpn.width == base.decoder.width == 256
     assert base.fpn.pixel_channels == large.fpn.pixel_channels == 64 and tiny.fpn.pixel_channels == tiny.fpn.width
-    assert (tiny.encoder.grid_size, tiny.fpn.width, tiny.fpn.num_heads, tiny.text_len) == (16, 64, 2, 24)
+    assert (tiny.encoder.grid_size, tiny.fpn.width, tiny.fpn.num_heads, tiny.text_len) == (8, 64, 2, 24)
+    assert tiny.fpn.fine_width == tiny.fpn.output_channels == 32 and base.fpn.output_channels == 64
+    assert tiny.encoder.pos_init == "sincos" and base.encoder.pos_init == "normal"
     assert base.mean == base.std == (0.5, 0.5, 0.5)
 
 
@@ -244,7 +273,7 @@ def test_encoder_weights_go_through_the_official_loader(monkeypatch):
 
 
 def test_narrow_pixel_level_shapes():
-    cfg = _small(fpn=dict(width=32, num_heads=2, pixel_width=8))
+    cfg = _small(fpn=dict(width=32, num_heads=2, pixel_width=8, fine_width=0))
     model = build_model(cfg).eval()
     image, ids, pad = _inputs(cfg)
     taps = model.encoder.forward_intermediates(image, ids, pad, cfg.taps)

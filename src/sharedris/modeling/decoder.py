@@ -44,7 +44,7 @@ class MaskDecoder(nn.Module):
 
     Args:
         cfg: decoder hyper-parameters.
-        pixel_dim: channels Cp of the FPN's pixel features (``FPNConfig.pixel_channels``).
+        pixel_dim: channels Cp of the FPN's pixel features (``FPNConfig.output_channels``).
     """
 
     def __init__(self, cfg: DecoderConfig, pixel_dim: int | None = None) -> None:
@@ -73,12 +73,12 @@ class MaskDecoder(nn.Module):
         """Decode mask logits.
 
         Args:
-            pixel: (B, Cp, 4g, 4g) pixel features F.
+            pixel: (B, Cp, h, w) pixel features F (4g x 4g, or 8g x 8g with a fine level).
             mid: (B, C, g, g) refined P4 map X4'.
             text: (B, L, C) refined text tokens T'; token 0 is the sentence start, never padding.
             text_padding_mask: (B, L) bool, True = padding; or None.
         Returns:
-            (B, 1, 4g, 4g) mask logits at the pixel-feature resolution.
+            (B, 1, h, w) mask logits at the pixel-feature resolution.
         """
         B, C, g, _ = mid.shape
         query = self.query_proj(text[:, :1]) + self.query_embed  # (B, 1, C)
@@ -95,5 +95,5 @@ class MaskDecoder(nn.Module):
         # query-aware map into the pixel features, as SAM does with its updated image embedding, uses it.
         xv = self.mid_to_pixel(xv).transpose(1, 2).reshape(B, -1, g, g)  # (B, Cp, g, g)
         pixel = pixel + F.interpolate(xv, size=pixel.shape[-2:], mode="bilinear", align_corners=False)
-        logits = torch.einsum("bc,bchw->bhw", m, pixel)  # (B, 4g, 4g)
+        logits = torch.einsum("bc,bchw->bhw", m, pixel)  # (B, h, w)
         return (logits * self.logit_scale + self.logit_bias).unsqueeze(1)

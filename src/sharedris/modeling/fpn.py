@@ -5,6 +5,10 @@ P2 (4g), P3 (2g), P4 (g) and P5 (g/2). A top-down pass sums each level with the 
 above it; at the levels listed in ``FPNConfig.shared_levels`` one Multiway block runs joint
 attention over ``[level tokens ; text tokens]`` and refines the text on the way down. P2 has
 (4g)^2 tokens (14,400 at 480 px), too many for attention, so it is always conv-only.
+
+Optionally (``FPNConfig.fine_width``) a fine level P1 at 8g refines P2 with features computed
+straight from the image: every level above P1 sees the image only through the patch grid, which
+blurs the outlines of objects a few patches wide.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class FPNConfig:
         num_heads: attention heads of the Shared blocks.
         mlp_ratio: FFN hidden width of the Shared blocks is ``width * mlp_ratio``.
         shared_levels: levels (among 5, 4, 3) mixed by a Shared Multiway block; the others by convs.
+        fine_width: channels of the fine level P1 (8g x 8g, from P2 plus a strided conv of the
+            image); 0 = no fine level, the mask is predicted on P2. Needs a patch size divisible by 8.
         eps: LayerNorm / GroupNorm epsilon.
     """
 
@@ -41,6 +47,7 @@ class FPNConfig:
     num_heads: int = 8
     mlp_ratio: float = 2.0
     shared_levels: tuple[int, ...] = (5, 4, 3)
+    fine_width: int = 0
     eps: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -48,16 +55,23 @@ class FPNConfig:
         if bad:
             raise ValueError(f"fpn.shared_levels {bad} are invalid; choose among {ATTENTION_LEVELS} "
                              "(P2 is always conv-only)")
+        if self.fine_width < 0:
+            raise ValueError(f"fpn.fine_width must be 0 (off) or positive, got {self.fine_width}")
 
     @property
     def pixel_channels(self) -> int:
         return self.pixel_width or self.width
 
+    @property
+    def output_channels(self) -> int:
+        """Channels of the per-pixel features handed to the decoder (P1 if there is one, else P2)."""
+        return self.fine_width or self.pixel_channels
+
 
 class FPNOutput(NamedTuple):
     """What :class:`SharedFPN` hands to the mask decoder (a tuple, so it traces for export)."""
 
-    pixel: Tensor  # (B, Cp, 4g, 4g) per-pixel features F (Cp = cfg.pixel_channels)
+    pixel: Tensor  # (B, Co, 4g or 8g, ...) per-pixel features F (Co = cfg.output_channels)
     mid: Tensor  # (B, C, g, g) refined P4 level X4'
     text: Tensor  # (B, L, C) text tokens T' after the last Shared level
 
@@ -117,9 +131,10 @@ class SharedFPN(nn.Module):
     Args:
         in_dim: encoder width D of the taps.
         cfg: FPN hyper-parameters.
+        patch_size: the encoder's patch size; sets the image conv's stride for the fine level.
     """
 
-    def __init__(self, in_dim: int, cfg: FPNConfig) -> None:
+    def __init__(self, in_dim: int, cfg: FPNConfig, patch_size: int = 16) -> None:
         super().__init__()
         self.cfg = cfg
         D, C, Cp, eps = in_dim, cfg.width, cfg.pixel_channels, cfg.eps
@@ -141,9 +156,18 @@ class SharedFPN(nn.Module):
         })
         self.pixel_in = nn.Conv2d(C, Cp, 1) if Cp != C else nn.Identity()  # at 2g, before upsampling
         self.pixel_block = ConvBlock(Cp, eps)
+        if cfg.fine_width:
+            if patch_size % 8:
+                raise ValueError(f"fpn.fine_width needs a patch size divisible by 8 (P1 is at 8x the patch "
+                                 f"grid), got {patch_size}")
+            Cf = cfg.fine_width
+            self.fine_image = nn.Sequential(nn.Conv2d(3, Cf, 3, stride=patch_size // 8, padding=1),
+                                            group_norm(Cf, eps), nn.GELU(), nn.Conv2d(Cf, Cf, 3, padding=1))
+            self.fine_in = nn.Conv2d(Cp, Cf, 1)
+            self.fine_block = ConvBlock(Cf, eps)
 
     def forward(self, taps: Sequence[tuple[Tensor, Tensor]], text_padding_mask: Tensor | None,
-                grid: int) -> FPNOutput:
+                grid: int, image: Tensor | None = None) -> FPNOutput:
         """Build the pyramid and run the top-down pass.
 
         Args:
@@ -151,8 +175,9 @@ class SharedFPN(nn.Module):
                 :meth:`BEiT3.forward_intermediates`, shallow to deep; vision CLS first.
             text_padding_mask: (B, L) bool, True = padding; or None.
             grid: patch grid size g.
+            image: (B, 3, H, W) the encoder's input; required with a fine level, unused otherwise.
         Returns:
-            FPNOutput(pixel (B, Cp, 4g, 4g), mid (B, C, g, g), text (B, L, C)).
+            FPNOutput(pixel (B, Co, 4g or 8g, same), mid (B, C, g, g), text (B, L, C)).
         """
         if len(taps) != 4:
             raise ValueError(f"SharedFPN takes 4 encoder taps, got {len(taps)}")
@@ -170,4 +195,9 @@ class SharedFPN(nn.Module):
         mid = x
         x, text = self.levels["p3"](p3 + upsample_to(x, p3), text, text_padding_mask)  # (B, C, 2g, 2g)
         pixel = self.pixel_block(p2 + upsample_to(self.pixel_in(x), p2))  # (B, Cp, 4g, 4g)
+        if self.cfg.fine_width:
+            if image is None:
+                raise ValueError("this FPN has a fine level (fpn.fine_width > 0): pass the image")
+            p1 = self.fine_image(image)  # (B, Cf, 8g, 8g)
+            pixel = self.fine_block(p1 + upsample_to(self.fine_in(pixel), p1))
         return FPNOutput(pixel=pixel, mid=mid, text=text)

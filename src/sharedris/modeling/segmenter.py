@@ -55,6 +55,6 @@ class SharedRIS(nn.Module):
             (B, 1, H, W) mask logits (sigmoid > 0.5 is the mask), in training and evaluation alike.
         """
         taps = self.encoder.forward_intermediates(image, text_ids, text_padding_mask, self.taps)
-        feats = self.fpn(taps, text_padding_mask, self.encoder.cfg.grid_size)
-        logits = self.decoder(feats.pixel, feats.mid, feats.text, text_padding_mask)  # (B, 1, 4g, 4g)
+        feats = self.fpn(taps, text_padding_mask, self.encoder.cfg.grid_size, image)
+        logits = self.decoder(feats.pixel, feats.mid, feats.text, text_padding_mask)  # (B, 1, 4g or 8g, same)
         return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
