@@ -283,6 +283,21 @@ def test_atomic_write_keeps_the_previous_file_when_the_writer_fails(tmp_path):
     assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["state.bin"]
 
 
+def test_atomic_writes_get_the_usual_permissions_even_when_the_writer_recreates_the_file(tmp_path):
+    def recreate(path: Path) -> None:  # as safetensors' save_file does
+        path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"weights")
+        os.close(fd)
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "model.safetensors", recreate)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 class _Exploit:
     """Unpickling this runs a shell command that creates ``marker``."""
 

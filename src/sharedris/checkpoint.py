@@ -25,8 +25,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         write(tmp)
+        # mkstemp makes 0600 files, and some writers (safetensors) replace the file: set the usual
+        # permissions on what was written.
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
