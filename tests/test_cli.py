@@ -8,6 +8,7 @@ import pytest
 import torch
 from _tiny_model import TINY_MODEL
 
+from sharedris.data.synthetic import write_refer_format
 from sharedris.modeling.pretrained import PretrainedError, load_pretrained, resolve_tokenizer, save_pretrained
 from sharedris.modeling.registry import build_model, model_config
 
@@ -47,6 +48,14 @@ def test_train_on_a_missing_dataset_exits_2_with_one_line(tmp_path):
     result = _sharedris("train", *TINY_TRAIN, "data.dataset=refcoco", "data.root=/nonexistent",
                         f"out_dir={tmp_path / 'run'}", "--device", "cpu", cwd=tmp_path)
     _assert_user_error(result, "refcoco" if "unknown dataset" in result.stderr else "/nonexistent")
+
+
+def test_stem_pretraining_on_data_without_object_labels_exits_2_with_one_line(tmp_path):
+    write_refer_format(tmp_path / "data", splits={"train": 8, "val": 2}, size=64)
+    result = _sharedris("train", *TINY_TRAIN, "data.dataset=refcoco", f"data.root={tmp_path / 'data'}",
+                        "stem_pretrain.steps=5", f"out_dir={tmp_path / 'run'}", "--device", "cpu", cwd=tmp_path)
+    _assert_user_error(result, "stem_pretrain.steps=5", "per-object category labels")
+    assert not (tmp_path / "run").exists()
 
 
 def _saved_tiny(tmp_path):

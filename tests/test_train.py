@@ -180,7 +180,9 @@ def test_global_batch_sampler_start_step_skips_exactly():
 # ------------------------------------------------------------------------------------ runs
 # Run A: uninterrupted, with resume files mid-epoch (checkpoint_every=3: steps 3, 4, 6, 8), gradient
 # accumulation and drop path (so that the RNG state matters for an exact resume).
-RESUME_DELTA = {"checkpoint_every": 3, "grad_accum": 2, "drop_path": 0.2}
+# With a stem stage: a resumed run must take the stem from last.pt, not run the stage again.
+RESUME_DELTA = {"checkpoint_every": 3, "grad_accum": 2, "drop_path": 0.2,
+                "stem_pretrain": {"steps": 2, "scenes_per_step": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +198,7 @@ def test_training_run_writes_its_outputs(run_a):
     assert [r["step"] for r in log] == list(range(1, 9))
     assert {"loss", "bce", "dice", "lr", "grad_norm", "epoch"} <= set(log[0])
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert [r["step"] for r in json.loads((run / "stem_pretrain.json").read_text())["history"]] == [1, 2]
 
     for epoch in (1, 2):
         metrics = json.loads((run / "metrics" / f"epoch_{epoch:03d}.json").read_text())

@@ -409,7 +409,8 @@ class SyntheticRefScenes:
 
     ``ds[i]`` is a dict with ``image`` (PIL RGB, ``size`` x ``size``), ``mask`` (bool HxW, the
     target's pixels), ``text`` (the expression), ``texts`` (all valid phrasings, ``text`` first),
-    ``family``, ``objects`` (per object: shape, colour, rgb, centre, scale = equivalent radius,
+    ``family``, ``objects`` (per object: shape, category (= shape: the object's class, one of
+    ``object_classes``, as the refer export writes it), colour, rgb, centre, scale = equivalent radius,
     rotation, bbox = pixel bbox [x, y, w, h] of its mask, polygon = flat [x1, y1, ...], area =
     mask pixels), ``target`` and ``anchor`` (object indices; anchor is None outside ``relation``),
     ``labels`` (uint8 HxW, ``k + 1`` on object ``k``, 0 on background), ``split`` and ``index``.
@@ -418,6 +419,8 @@ class SyntheticRefScenes:
     sample of the split (a fixed derangement), so text carries no information while images and masks
     stay: a control experiment. ``family`` stays the family of the scene, not of the text.
     """
+
+    object_classes: tuple[str, ...] = SHAPES
 
     def __init__(
         self,
@@ -465,6 +468,7 @@ class SyntheticRefScenes:
         objects = [
             {
                 "shape": o.spec.shape,
+                "category": o.spec.shape,
                 "colour": o.spec.colour,
                 "rgb": o.rgb,
                 "centre": o.centre,

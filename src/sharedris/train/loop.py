@@ -26,6 +26,7 @@ from sharedris.modeling.registry import build_model, model_config
 from sharedris.text import Tokenizer
 from sharedris.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from sharedris.train.optim import build_optimizer, build_scheduler
+from sharedris.train.stem import pretrain_stem
 
 RESUME_FILE = "last.pt"
 
@@ -91,6 +92,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None) -> 
 
     The run folder gets ``config.yaml`` (the resolved config), ``log.jsonl`` (one line per logged
     step; losses are means over the global batch), ``metrics/epoch_XXX.json`` per evaluation,
+    ``stem_pretrain.json`` (with ``stem_pretrain.steps``: the stage's per-step loss and accuracy),
     ``last.pt`` (resume state), ``best/`` (the self-describing checkpoint with the best val oIoU)
     and ``final/``.
     """
@@ -150,9 +152,18 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
         _set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
         if info.is_main:
             _truncate_log(out / "log.jsonl", step)
-    elif info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.yaml", lambda p: p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    else:
+        summary = None
+        if cfg.stem_pretrain.steps:
+            # Every rank runs the same stage (same seed, same scenes): identical weights, no broadcast needed.
+            _, summary = pretrain_stem(model.encoder.patch_embed, train_set.source, cfg.stem_pretrain,
+                                       image_size=mcfg.image_size, mean=mcfg.mean, std=mcfg.std,
+                                       device=info.device, seed=cfg.seed, show_progress=info.is_main)
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / "config.yaml", lambda p: p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+            if summary is not None:
+                atomic_write(out / "stem_pretrain.json", lambda p: p.write_text(json.dumps(summary)))
 
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not info.is_main, dynamic_ncols=True)
     log_file = (out / "log.jsonl").open("a") if info.is_main else None
