@@ -51,7 +51,7 @@ def test_stage_changes_only_the_stem_and_leaves_the_global_rng_alone():
     rng = torch.get_rng_state()
     head, summary = pretrain_stem(model.encoder.patch_embed, SyntheticRefScenes("train", size=64, length=8),
                                   StemPretrainConfig(steps=2, scenes_per_step=2), image_size=64, mean=MEAN,
-                                  std=STD, device=torch.device("cpu"), seed=0, show_progress=False)
+                                  std=STD, device=torch.device("cpu"), show_progress=False)
     assert torch.equal(torch.get_rng_state(), rng)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {k for k in before if k.startswith("encoder.patch_embed.")}
@@ -66,7 +66,7 @@ def test_stage_refuses_data_without_object_labels():
 
     with pytest.raises(ValueError, match="needs per-object category labels"):
         pretrain_stem(_tiny_model().encoder.patch_embed, NoLabels([]), StemPretrainConfig(steps=1), image_size=64,
-                      mean=MEAN, std=STD, device=torch.device("cpu"), seed=0)
+                      mean=MEAN, std=STD, device=torch.device("cpu"))
 
 
 @pytest.mark.slow
@@ -83,7 +83,7 @@ def test_stage_teaches_the_stem_to_tell_shapes_apart():
                                              cfg.mean, cfg.std, grid=8)
         head, _ = pretrain_stem(stem, SyntheticRefScenes("train", size=128, length=2400),
                                 StemPretrainConfig(steps=300, scenes_per_step=8), image_size=128, mean=cfg.mean,
-                                std=cfg.std, device=torch.device("cpu"), seed=0, show_progress=False)
+                                std=cfg.std, device=torch.device("cpu"), show_progress=False)
         with torch.no_grad():
             accuracy = (head(stem(images)[cells[:, 0], :, cells[:, 1], cells[:, 2]]).argmax(1) == labels).float().mean()
     finally:

@@ -158,7 +158,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
             # Every rank runs the same stage (same seed, same scenes): identical weights, no broadcast needed.
             _, summary = pretrain_stem(model.encoder.patch_embed, train_set.source, cfg.stem_pretrain,
                                        image_size=mcfg.image_size, mean=mcfg.mean, std=mcfg.std,
-                                       device=info.device, seed=cfg.seed, show_progress=info.is_main)
+                                       device=info.device, show_progress=info.is_main)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "config.yaml", lambda p: p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))

@@ -8,11 +8,13 @@ built on that stem learns much faster.
 
 The stage: for each object of ``scenes_per_step`` consecutive training scenes, the stem's feature at
 the patch under the object's centre goes through a linear head, with cross-entropy against the
-object's category; AdamW over the stem and the head. The head is thrown away afterwards. It runs
-under its own seed in a forked RNG, so the training that follows draws the same random numbers as
-without it. It uses only the training data's own annotations: source items must carry
-``objects`` (each with ``centre`` in image pixels and ``category``), and the source must name its
-categories in ``object_classes``.
+object's category; AdamW over the stem and the head. The head is thrown away afterwards. Its
+initial weights come from the global RNG, whose state is restored afterwards, so the training
+that follows draws the same random numbers as without the stage.
+
+It uses only the training data's own annotations: source items must carry ``objects`` (each
+with ``centre`` in image pixels and ``category``), and the source must name its categories in
+``object_classes``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def object_batch(source: Source, indices: Sequence[int], image_size: int, mean: 
 
 
 def pretrain_stem(stem: nn.Module, source: Source, cfg: StemPretrainConfig, *, image_size: int,
-                  mean: Sequence[float], std: Sequence[float], device: torch.device, seed: int,
+                  mean: Sequence[float], std: Sequence[float], device: torch.device,
                   show_progress: bool = True) -> tuple[nn.Linear, dict[str, Any]]:
     """Train ``stem`` (image (B, 3, S, S) -> features (B, D, h, w)) in place for ``cfg.steps`` steps.
 
@@ -66,12 +68,11 @@ def pretrain_stem(stem: nn.Module, source: Source, cfg: StemPretrainConfig, *, i
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
         head = nn.Linear(channels, len(classes)).to(device)
         optimizer = torch.optim.AdamW([*stem.parameters(), *head.parameters()], lr=cfg.lr)
         stem.train()
-        for step in tqdm(range(cfg.steps), desc="stem", disable=not show_progress, dynamic_ncols=True):
-            first = step * cfg.scenes_per_step
+        for step in tqdm(range(1, cfg.steps + 1), desc="stem", disable=not show_progress, dynamic_ncols=True):
+            first = step * cfg.scenes_per_step  # step s reads scenes s*n ... s*n + n - 1 (cycling)
             indices = [(first + i) % len(source) for i in range(cfg.scenes_per_step)]
             images, cells, labels = object_batch(source, indices, image_size, mean, std, grid)
             images, cells, labels = images.to(device), cells.to(device), labels.to(device)
@@ -81,6 +82,6 @@ def pretrain_stem(stem: nn.Module, source: Source, cfg: StemPretrainConfig, *, i
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            history.append({"step": step + 1, "loss": loss.item(),
+            history.append({"step": step, "loss": loss.item(),
                             "accuracy": (logits.argmax(1) == labels).float().mean().item()})
     return head, {"steps": cfg.steps, "history": history, "elapsed_s": time.perf_counter() - start}
