@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from sharedris.config import DataConfig
+from sharedris.data.datasets import build_source
 from sharedris.data.synthetic import (
     COLOUR_JITTER,
     COLOURS,
@@ -192,6 +194,37 @@ def test_shuffle_texts_moves_texts_between_samples_and_keeps_masks() -> None:
         assert np.array_equal(x["mask"], y["mask"]) and x["image"].tobytes() == y["image"].tobytes()
     assert sorted(x["text"] for x in a) == sorted(y["text"] for y in b)  # a permutation of the split
     assert sum(x["text"] != y["text"] for x, y in zip(a, b)) >= 12
+
+
+def test_fresh_epochs_serve_new_blocks_of_scenes() -> None:
+    every = SyntheticRefScenes("train", size=SIZE, length=12, seed=5)
+    fresh = SyntheticRefScenes("train", size=SIZE, length=4, seed=5, fresh_epochs=True)
+    fresh.set_epoch(2)
+    for i in range(4):  # epoch 2 = scenes 8-11
+        x, y = fresh[i], every[8 + i]
+        assert x["image"].tobytes() == y["image"].tobytes() and x["text"] == y["text"] and x["index"] == 8 + i
+    plain = SyntheticRefScenes("train", size=SIZE, length=4, seed=5)
+    plain.set_epoch(2)  # without fresh_epochs every epoch is scenes 0-3
+    assert [plain[i]["text"] for i in range(4)] == [every[i]["text"] for i in range(4)]
+    shuffled = SyntheticRefScenes("train", size=SIZE, length=4, seed=5, fresh_epochs=True, shuffle_texts=True)
+    shuffled.set_epoch(2)  # texts move within the epoch's block
+    assert sorted(shuffled[i]["text"] for i in range(4)) == sorted(every[8 + i]["text"] for i in range(4))
+    assert all(shuffled[i]["text"] != every[8 + i]["text"] for i in range(4))
+
+
+def test_a_family_listed_twice_is_drawn_twice_as_often() -> None:
+    n = 600
+    families = [SyntheticRefScenes("train", size=SIZE, length=n, seed=6,
+                                   families=("size", "relation", "relation"))[i]["family"] for i in range(n)]
+    assert set(families) == {"size", "relation"}
+    assert abs(families.count("relation") / n - 2 / 3) < 0.06  # 3 standard deviations: 0.057
+
+
+def test_training_options_apply_to_the_training_split_only() -> None:
+    cfg = DataConfig(synthetic_train_families=("relation",), synthetic_fresh_epochs=True, shuffle_texts=True)
+    train, val = build_source(cfg, "train", train=True), build_source(cfg, "val", train=False)
+    assert (train.families, train.fresh_epochs, train.shuffle_texts) == (("relation",), True, True)
+    assert (val.families, val.fresh_epochs, val.shuffle_texts) == (FAMILIES, False, False)
 
 
 def test_bad_arguments_raise() -> None:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import sharedris.train.loop as loop
 from sharedris.checkpoint import atomic_write, load_resume_state, save_resume_state
 from sharedris.config import OptimConfig, TrainConfig, merge, to_dict
-from sharedris.data.synthetic import FAMILIES
+from sharedris.data.synthetic import FAMILIES, SyntheticRefScenes
 from sharedris.metrics import METRIC_KEYS
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.modeling.registry import build_model
@@ -181,8 +181,9 @@ def test_global_batch_sampler_start_step_skips_exactly():
 # Run A: uninterrupted, with resume files mid-epoch (checkpoint_every=3: steps 3, 4, 6, 8), gradient
 # accumulation and drop path (so that the RNG state matters for an exact resume).
 # With a stem stage: a resumed run must take the stem from last.pt, not run the stage again.
+# With fresh scenes every epoch: a run resumed in epoch 1 must read epoch 1's scenes.
 RESUME_DELTA = {"checkpoint_every": 3, "grad_accum": 2, "drop_path": 0.2,
-                "stem_pretrain": {"steps": 2, "scenes_per_step": 2}}
+                "stem_pretrain": {"steps": 2, "scenes_per_step": 2}, "data": {"synthetic_fresh_epochs": True}}
 
 
 @pytest.fixture(scope="module")
@@ -240,20 +241,39 @@ def _crash_at_call(monkeypatch, n: int) -> None:
     monkeypatch.setattr(loop, "segmentation_loss", crashing)
 
 
+def _record_training_scenes(monkeypatch) -> set[int]:
+    """The scene numbers of the synthetic training split read from now on."""
+    seen, real = set(), SyntheticRefScenes.__getitem__
+
+    def recording(self, index):
+        sample = real(self, index)
+        if sample["split"] == "train":
+            seen.add(sample["index"])
+        return sample
+
+    monkeypatch.setattr(SyntheticRefScenes, "__getitem__", recording)
+    return seen
+
+
 def test_resume_after_a_crash_equals_the_uninterrupted_run(run_a, tmp_path, monkeypatch):
     cfg_a, run_a_dir = run_a
     cfg = replace(cfg_a, out_dir=str(tmp_path / "b"))
     # 2 loss calls per step (grad_accum 2): call 15 is step 8. The last resume file is from step 6,
     # so step 7 (already logged) is trained again.
     _crash_at_call(monkeypatch, 15)
+    seen = _record_training_scenes(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, device="cpu")
     run = Path(cfg.out_dir)
     assert load_resume_state(run / "last.pt")["step"] == 6
     assert not (run / "final").exists()
+    # 32 scenes per epoch: epoch 0 reads scenes 0-31, epoch 1 (steps 5-7 and half of 8) new ones.
+    assert set(range(32)) <= seen and len(seen - set(range(32))) >= 28 and max(seen) < 64
     monkeypatch.undo()
 
+    seen = _record_training_scenes(monkeypatch)
     train(cfg, resume=True, device="cpu")
+    assert seen and min(seen) >= 32 and max(seen) < 64  # steps 7-8: epoch 1's scenes
     ours, theirs = load_file(run / "final" / "model.safetensors"), load_file(run_a_dir / "final" / "model.safetensors")
     assert ours.keys() == theirs.keys()
     for k in ours:

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
+from sharedris.data.synthetic import FAMILIES
+
 T = TypeVar("T")
 
 
@@ -32,6 +34,10 @@ class DataConfig:
     synthetic_image_size: int = 128
     synthetic_train_size: int = 20000
     synthetic_eval_size: int = 1000  # per evaluation split
+    # Training scenes only (evaluation always draws every family alike): each scene's family is drawn
+    # uniformly from this list, so a family listed twice is drawn twice as often.
+    synthetic_train_families: tuple[str, ...] = FAMILIES
+    synthetic_fresh_epochs: bool = False  # each epoch new training scenes (e*N..e*N+N-1) instead of the same N
     seed: int = 0
     shuffle_texts: bool = False  # control experiment: texts permuted across samples
     num_workers: int = 2

@@ -2,6 +2,8 @@
 
 A *source* is anything indexable whose items are dicts with ``image`` (PIL RGB), ``mask`` (bool
 HxW at the image's size) and ``text``; optionally ``family`` (a breakdown key for evaluation).
+A training source may also have ``set_epoch(epoch)``, which the training loop calls before each
+epoch (the synthetic scenes use it to serve new scenes every epoch).
 """
 
 from __future__ import annotations
@@ -73,14 +75,16 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 def build_source(cfg: DataConfig, split: str, train: bool) -> Source:
     """The dataset named by ``cfg`` for ``split``. ``train`` selects the training length/controls."""
     if cfg.dataset == "synthetic":
-        from sharedris.data.synthetic import SyntheticRefScenes
+        from sharedris.data.synthetic import FAMILIES, SyntheticRefScenes
 
         return SyntheticRefScenes(
             split=split,
             size=cfg.synthetic_image_size,
             length=cfg.synthetic_train_size if train else cfg.synthetic_eval_size,
             seed=cfg.seed,
+            families=cfg.synthetic_train_families if train else FAMILIES,
             shuffle_texts=cfg.shuffle_texts and train,
+            fresh_epochs=cfg.synthetic_fresh_epochs and train,
         )
     if cfg.dataset in REFER_DATASETS:
         from sharedris.data.refer import RefDataset, data_root

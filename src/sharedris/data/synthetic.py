@@ -415,9 +415,14 @@ class SyntheticRefScenes:
     mask pixels), ``target`` and ``anchor`` (object indices; anchor is None outside ``relation``),
     ``labels`` (uint8 HxW, ``k + 1`` on object ``k``, 0 on background), ``split`` and ``index``.
 
+    Each scene's family is drawn uniformly from ``families``; list a family twice to draw it twice as
+    often. With ``fresh_epochs``, ``set_epoch(e)`` moves the dataset to its e-th block of ``length``
+    scenes (sample i is scene ``e * length + i``, and ``index`` is that scene number), so training
+    never repeats a scene; otherwise ``set_epoch`` changes nothing.
+
     With ``shuffle_texts`` (and ``length >= 2``) the ``text``/``texts`` of sample i come from another
-    sample of the split (a fixed derangement), so text carries no information while images and masks
-    stay: a control experiment. ``family`` stays the family of the scene, not of the text.
+    sample of the same block (a fixed derangement), so text carries no information while images and
+    masks stay: a control experiment. ``family`` stays the family of the scene, not of the text.
     """
 
     object_classes: tuple[str, ...] = SHAPES
@@ -430,12 +435,13 @@ class SyntheticRefScenes:
         seed: int = 0,
         families: Sequence[str] = FAMILIES,
         shuffle_texts: bool = False,
+        fresh_epochs: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
         unknown = [f for f in families if f not in FAMILIES]
         if unknown or not families:
-            raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {list(families)}")
+            raise ValueError(f"families must be a non-empty list of names from {FAMILIES}, got {list(families)}")
         if size < 64:
             raise ValueError(f"size must be >= 64 to fit the objects, got {size}")
         if length < 0 or seed < 0:
@@ -443,6 +449,8 @@ class SyntheticRefScenes:
         self.split, self.size, self.length, self.seed = split, size, length, seed
         self.families = tuple(families)
         self.shuffle_texts = shuffle_texts
+        self.fresh_epochs = fresh_epochs
+        self._first = 0  # scene number of sample 0
         self._text_source: np.ndarray | None = None
         if shuffle_texts and length > 1:
             # Each sample takes the text of its successor on one random cycle: no sample keeps its own.
@@ -453,17 +461,22 @@ class SyntheticRefScenes:
     def __len__(self) -> int:
         return self.length
 
+    def set_epoch(self, epoch: int) -> None:
+        """With ``fresh_epochs``, serve epoch ``epoch``'s block of scenes; a no-op otherwise."""
+        if self.fresh_epochs:
+            self._first = epoch * self.length
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = operator.index(index)
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} samples")
         index %= self.length
-        rng = np.random.default_rng([SPLITS[self.split], self.seed, index])
+        rng = np.random.default_rng([SPLITS[self.split], self.seed, self._first + index])
         scene = self._scene(rng)
         image = _render(scene.labels, scene.objects, rng)
         texts = scene.texts
         if self._text_source is not None:
-            donor = int(self._text_source[index])
+            donor = self._first + int(self._text_source[index])
             texts = self._scene(np.random.default_rng([SPLITS[self.split], self.seed, donor])).texts
         objects = [
             {
@@ -491,7 +504,7 @@ class SyntheticRefScenes:
             "anchor": scene.anchor,
             "labels": scene.labels,
             "split": self.split,
-            "index": index,
+            "index": self._first + index,
         }
 
     def _scene(self, rng: np.random.Generator) -> _Scene:

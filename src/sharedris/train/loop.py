@@ -171,6 +171,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
     start = time.perf_counter() - elapsed  # wall time of the whole run, across resumes
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
+        if hasattr(train_set.source, "set_epoch"):  # e.g. synthetic scenes with fresh_epochs
+            train_set.source.set_epoch(epoch)
         sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, info.rank, info.world, cfg.grad_accum,
                                      cfg.seed, epoch, start_step=in_epoch)
         loader_gen.manual_seed(cfg.seed + epoch)
