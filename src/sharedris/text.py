@@ -1,7 +1,7 @@
 """BEiT-3 tokenizer: a SentencePiece model mapped to fairseq/XLM-R ids.
 
 ids = ``[0] + [piece_id + 1, or 3 for the unknown piece] + [2]``, truncated to ``max_len`` keeping
-the final 2, right-padded with 1. Built on ``sentencepiece`` directly (REFERENCE.md explains why
+the final 2, right-padded with 1. Built on ``sentencepiece`` directly (docs/reference.md explains why
 not transformers).
 """
 
