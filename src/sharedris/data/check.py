@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from sharedris.data.refer import SPLIT_BYS, SPLITS, ReferError, decode_segmentation, read_refer, resolve_split_by
 
-# REFERENCE.md: (dataset, split_by) -> split -> (refs, images, sentences).
+# docs/reference.md (counts from lichengunc/refer): (dataset, split_by) -> split -> (refs, images, sentences).
 OFFICIAL_COUNTS: dict[tuple[str, str], dict[str, tuple[int, int, int]]] = {
     ("refcoco", "unc"): {"train": (42404, 16994, 120624), "val": (3811, 1500, 10834),
                          "testA": (1975, 750, 5657), "testB": (1810, 750, 5095)},
