@@ -529,7 +529,7 @@ def write_refer_format(
     seed: int = 0,
     families: Sequence[str] = FAMILIES,
 ) -> Path:
-    """Write synthetic scenes in the RefCOCO refer layout (REFERENCE.md) and return ``<root>/refcoco``.
+    """Write synthetic scenes in the RefCOCO refer layout (docs/reference.md) and return ``<root>/refcoco``.
 
     Writes ``refcoco/instances.json``, ``refcoco/refs(unc).p`` (pickle protocol 2, builtins only)
     and ``images/train2014/COCO_train2014_%012d.jpg``. ``splits`` maps split name to number of
