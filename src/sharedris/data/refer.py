@@ -1,4 +1,4 @@
-"""RefCOCO, RefCOCO+ and RefCOCOg in the refer format (REFERENCE.md): one sample per sentence.
+"""RefCOCO, RefCOCO+ and RefCOCOg in the refer format (docs/reference.md): one sample per sentence.
 
 Layout under ``root``::
 
