@@ -1,4 +1,4 @@
-"""Metrics checked against numbers worked out by hand from the definitions in REFERENCE.md."""
+"""Metrics checked against numbers worked out by hand from the definitions in docs/reference.md."""
 
 from __future__ import annotations
 
