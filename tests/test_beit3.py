@@ -19,7 +19,7 @@ from sharedris.modeling.beit3 import (
 
 
 def _official_keys(cfg: BEiT3Config) -> dict[str, torch.Tensor]:
-    """A random state dict with exactly the official key layout (REFERENCE.md) for ``cfg``."""
+    """A random state dict with exactly the official key layout (docs/reference.md) for ``cfg``."""
     D, F, g = cfg.embed_dim, cfg.mlp_dim, torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g).half()  # noqa: E731  (official files are 16-bit)
     sd = {
