@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from sharedris.config import DataConfig
-from sharedris.data.datasets import build_source
+from sharedris.data.config import DataConfig
+from sharedris.data.registry import build_source
 from sharedris.data.synthetic import (
     COLOUR_JITTER,
     COLOURS,
@@ -26,6 +26,7 @@ from sharedris.data.synthetic import (
     SIZE_RATIO,
     SPLITS,
     SyntheticRefScenes,
+    SyntheticSample,
     write_refer_format,
 )
 
@@ -70,7 +71,9 @@ def test_sample_structure() -> None:
         s = ds[i]
         assert s["image"].mode == "RGB" and s["image"].size == (SIZE, SIZE)
         assert s["mask"].dtype == bool and s["mask"].shape == (SIZE, SIZE)
+        assert set(s) == SyntheticSample.__required_keys__ | SyntheticSample.__optional_keys__
         assert s["family"] in FAMILIES and s["text"] == s["texts"][0] and s["text"].strip()
+        assert s["ann_ids"] == [s["target"]] and s["group"] == s["family"]
         assert len(s["texts"]) == len(set(s["texts"]))
         assert 3 <= len(s["objects"]) <= 6
         assert np.array_equal(s["mask"], s["labels"] == s["target"] + 1)
@@ -225,6 +228,7 @@ def test_training_options_apply_to_the_training_split_only() -> None:
     train, val = build_source(cfg, "train", train=True), build_source(cfg, "val", train=False)
     assert (train.families, train.fresh_epochs, train.shuffle_texts) == (("relation",), True, True)
     assert (val.families, val.fresh_epochs, val.shuffle_texts) == (FAMILIES, False, False)
+    assert train.groups == val.groups == FAMILIES  # evaluation reports every family, whatever was drawn
 
 
 def test_bad_arguments_raise() -> None:

@@ -1,0 +1,40 @@
+"""Deterministic procedural referring scenes: the default dataset, CPU benchmark and test fixture source.
+
+Every sample is a textured image with 3-6 flat shapes, one referring expression that identifies
+exactly one of them (the target) and the target's boolean mask. Expressions come in four families
+(``FAMILIES``), each built so that no single cue solves it (distractors share the target's colour
+or shape): ``colour_shape`` ("the red circle"), ``size`` ("the small square"), ``position`` ("the
+leftmost star") and ``relation`` ("the circle closest to the purple triangle").
+
+A sample depends only on ``(split, seed, index)``, and splits never share scenes. Objects never
+overlap (rejection sampling with a gap), so each mask is exactly the pixels drawn for its object.
+
+Modules, by job:
+
+- ``geometry``: the shapes and colours, unit polygons, rasterising and non-overlapping placement.
+- ``families``: the expression families: which objects a scene gets, templates and resolvers.
+- ``scene``: laying out one scene until its expression is unambiguous, and painting its image.
+- ``dataset``: :class:`SyntheticRefScenes` and its sample type :class:`SyntheticSample`.
+- ``refer_format``: :func:`write_refer_format`, the same scenes in the RefCOCO refer layout.
+"""
+
+from sharedris.data.synthetic.dataset import SPLITS, SyntheticRefScenes, SyntheticSample
+from sharedris.data.synthetic.families import CENTRE_RADIUS, FAMILIES, MARGIN, SIZE_RATIO
+from sharedris.data.synthetic.geometry import COLOUR_JITTER, COLOURS, SHAPES
+from sharedris.data.synthetic.refer_format import write_refer_format
+from sharedris.data.synthetic.scene import NOISE
+
+__all__ = [
+    "CENTRE_RADIUS",
+    "COLOURS",
+    "COLOUR_JITTER",
+    "FAMILIES",
+    "MARGIN",
+    "NOISE",
+    "SHAPES",
+    "SIZE_RATIO",
+    "SPLITS",
+    "SyntheticRefScenes",
+    "SyntheticSample",
+    "write_refer_format",
+]

@@ -1,0 +1,84 @@
+"""One scene from its generator: lay the objects out until the expression is unambiguous, then paint.
+
+Both steps draw from the same ``numpy`` generator, in this order (lay-out, then painting), so a
+scene is a pure function of the generator's seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from sharedris.data.synthetic.families import BUILDERS
+from sharedris.data.synthetic.geometry import Placed, place
+
+NOISE = 8  # per-pixel uniform noise amplitude, kept small so object colours stay recognisable
+
+_SCENE_TRIES = 200
+
+
+@dataclass
+class Scene:
+    """A laid-out scene before rendering: enough to know the text without painting the image."""
+
+    family: str
+    objects: list[Placed]
+    labels: np.ndarray  # uint8 (size, size): k + 1 on object k, 0 on the background
+    target: int
+    anchor: int | None
+    texts: list[str]
+
+
+def lay_out(rng: np.random.Generator, families: Sequence[str], size: int) -> Scene:
+    """Lay out a ``size`` x ``size`` scene: pick one of ``families``, retry layouts until it is unambiguous."""
+    family = families[int(rng.integers(len(families)))]
+    for _ in range(_SCENE_TRIES):
+        specs, resolve = BUILDERS[family](rng, size)
+        specs = [specs[i] for i in rng.permutation(len(specs))]  # the target's index varies
+        layout = place(specs, size, rng)
+        if layout is None:
+            continue
+        resolved = resolve(layout[0], rng)
+        if resolved is not None:
+            return Scene(family, layout[0], layout[1], *resolved)
+    raise RuntimeError(f"could not lay out a {family!r} scene at size {size}")
+
+
+def render(labels: np.ndarray, objs: list[Placed], rng: np.random.Generator) -> Image.Image:
+    """Paint a grey textured background (gradient, stripes, noise) and the flat-coloured objects.
+
+    ``labels`` is the uint8 (S, S) label map of ``objs``; the result is a PIL RGB S x S image.
+    The background stays low-saturation so that it can never be mistaken for an object colour.
+    Work is per channel on small arrays: whole float RGB images are big enough for malloc to hand
+    them back to the OS after each sample, and the page faults then cost more than the arithmetic.
+    """
+    size = labels.shape[0]
+    u = np.arange(size, dtype=np.float32) / size - 0.5
+    gx, gy, fx, fy = rng.uniform(-1.0, 1.0, 4).astype(np.float32) * np.float32([25, 25, 6, 6])
+    # Stripes sin(a(x) + b(y)) = sin a cos b + cos a sin b: two outer products of 1-D vectors are
+    # much cheaper than a sine per pixel. Up to ~8 periods across, a few grey levels deep.
+    a = np.float32(2 * np.pi) * fx * u + np.float32(rng.uniform(0, 2 * np.pi))
+    b = np.float32(2 * np.pi) * fy * u
+    grey = np.outer(np.cos(b), np.sin(a))
+    grey += np.outer(np.sin(b), np.cos(a))
+    grey *= np.float32(rng.uniform(3, 12))
+    grey += gx * u[None, :] + gy * u[:, None] + np.float32(rng.uniform(80, 170))
+    grey = grey.astype(np.int16)
+    tint = rng.integers(-8, 9, 3).tolist()  # Python ints: adding a NumPy scalar is slower
+    table = np.array([(0, 0, 0)] + [o.rgb for o in objs], dtype=np.int16).T
+    foreground = labels > 0
+    ids = labels[foreground]
+    # Uniform in [0, 2 * NOISE] from random bytes by multiply-shift (far cheaper than % or integers()).
+    noise = np.frombuffer(rng.bytes(3 * size * size), dtype=np.uint8).astype(np.uint16)
+    noise = ((noise * (2 * NOISE + 1)) >> 8).astype(np.int16).reshape(3, size, size)
+    channels = []
+    for c in range(3):
+        channel = grey + tint[c]
+        channel[foreground] = table[c][ids]
+        channel += noise[c]
+        channel -= NOISE
+        channels.append(Image.fromarray(np.clip(channel, 0, 255).astype(np.uint8)))
+    return Image.merge("RGB", channels)
