@@ -6,10 +6,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 TINT = (255, 64, 32)
+MAX_CAPTION_LINES = 6  # a very long expression is cut here, with an ellipsis, rather than growing the bar
 
 
-def overlay(image: Image.Image, mask: np.ndarray, caption: str, alpha: float = 0.5) -> Image.Image:
-    """``image`` with ``mask`` (HxW bool, same size) tinted and outlined, ``caption`` on a bar above."""
+def overlay(image: Image.Image, mask: np.ndarray, caption: str, score: float | None = None,
+            alpha: float = 0.5) -> Image.Image:
+    """``image`` with ``mask`` (HxW bool, same size) tinted and outlined, ``caption`` on a bar above.
+
+    The caption (prefixed with ``score`` when given) is wrapped to the image width; the bar grows
+    to as many lines as it needs, up to ``MAX_CAPTION_LINES``. The result is W x (H + bar).
+    """
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     m = np.asarray(mask, dtype=bool)
     if m.shape != base.shape[:2]:
@@ -21,12 +27,43 @@ def overlay(image: Image.Image, mask: np.ndarray, caption: str, alpha: float = 0
     out[edge] = TINT
     tinted = Image.fromarray(out.round().astype(np.uint8))
     font = ImageFont.load_default(size=max(12, image.width // 40))
-    text = caption if len(caption) <= 120 else caption[:117] + "..."
-    bar = int(font.size * 1.6)
+    text = caption if score is None else f"{score:.2f}  {caption}"
+    lines = wrap_text(" ".join(text.split()), font, max(1, image.width - 8), MAX_CAPTION_LINES)
+    line_height = int(font.size * 1.25)
+    bar = line_height * len(lines) + int(font.size * 0.5)
     canvas = Image.new("RGB", (tinted.width, tinted.height + bar), (0, 0, 0))
     canvas.paste(tinted, (0, bar))
-    ImageDraw.Draw(canvas).text((4, (bar - font.size) // 2), text, fill=(255, 255, 255), font=font)
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, int(font.size * 0.25) + i * line_height), line, fill=(255, 255, 255), font=font)
     return canvas
+
+
+def wrap_text(text: str, font: ImageFont.FreeTypeFont, width: int, max_lines: int) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` pixels in ``font`` (words first, then
+    characters of a word too long for a line); past ``max_lines`` the last line ends in an ellipsis."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if font.getlength(candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        current = ""
+        for ch in word:  # a word wider than the line: break it between characters
+            if current and font.getlength(current + ch) > width:
+                lines.append(current)
+                current = ""
+            current += ch
+    lines.append(current)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + "…") > width:
+            last = last[:-1]
+        lines = lines[: max_lines - 1] + [last.rstrip() + "…"]
+    return lines
 
 
 def encode_rle(mask: np.ndarray) -> dict:

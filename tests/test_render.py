@@ -1,0 +1,38 @@
+"""Overlays: the whole caption is readable at any image width, with the score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFont
+
+from sharedris.render import MAX_CAPTION_LINES, overlay, wrap_text
+
+FONT = ImageFont.load_default(size=12)
+
+
+@pytest.mark.parametrize("width", [24, 128, 640])
+def test_wrapped_lines_fit_and_keep_every_word(width):
+    text = "0.87  the circle closest to the purple triangle, not the one near the supercalifragilistic box"
+    lines = wrap_text(" ".join(text.split()), FONT, width, max_lines=100)
+    assert all(FONT.getlength(line) <= width or len(line) == 1 for line in lines)
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+
+
+def test_too_long_text_is_cut_with_an_ellipsis():
+    lines = wrap_text("word " * 2000, FONT, 120, max_lines=MAX_CAPTION_LINES)
+    assert len(lines) == MAX_CAPTION_LINES and lines[-1].endswith("…")
+    assert FONT.getlength(lines[-1]) <= 120
+
+
+def test_overlay_grows_its_caption_bar_and_shows_the_score():
+    img, mask = Image.new("RGB", (128, 96), (90, 90, 90)), np.zeros((96, 128), dtype=bool)
+    mask[10:40, 10:40] = True
+    short = overlay(img, mask, "the box")
+    long = overlay(img, mask, "the circle closest to the purple triangle on the left")
+    assert short.width == long.width == 128
+    assert long.height > short.height > 96  # more lines, a taller bar; the image itself is whole below it
+    np.testing.assert_array_equal(np.asarray(long)[long.height - 96:], np.asarray(short)[short.height - 96:])
+    scored = overlay(img, mask, "the box", score=0.87)
+    assert scored.size == short.size
+    assert not np.array_equal(np.asarray(scored)[: short.height - 96], np.asarray(short)[: short.height - 96])
