@@ -22,10 +22,15 @@ _EXPORTS = {
     "Predictor": "sharedris.predictor",
     "Prediction": "sharedris.predictor",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["__version__", *sorted(_EXPORTS)]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'sharedris' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's own names plus the public ones that are imported on first use."""
+    return sorted(set(globals()) | set(__all__))
