@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient  # the dev extra; a missing install fa
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from sharedris.render import overlay
 from sharedris.serve.app import FORM_ALLOWANCE, Limits, create_app
 
 LIMITS = Limits(max_upload_bytes=200_000, max_pixels=1_000_000, max_texts=4, max_text_chars=500)
@@ -61,8 +62,29 @@ def test_healthz(client, model_dir):
 def test_demo_page_is_served(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    for element_id in ('id="image"', 'id="texts"', 'id="segment"', "/v1/segment?format=overlay"):
+    for element_id in ('id="image"', 'id="texts"', 'id="segment"', 'id="example"', 'id="model"', '"/v1/segment"',
+                       '"/v1/model"'):
         assert element_id in r.text
+
+
+def test_model_endpoint_describes_the_model_and_its_example(client, model_dir):
+    about = client.get("/v1/model").json()
+    assert about["name"] == model_dir.name and str(model_dir.name) in about["description"]
+    example = client.get(about["example_image"])
+    assert example.status_code == 200 and example.headers["content-type"] == "image/png"
+    r = _post(client, example.content, about["example_texts"])
+    assert r.status_code == 200, r.text
+    assert len(r.json()["results"]) == len(about["example_texts"])
+
+
+def test_the_default_model_says_it_knows_only_synthetic_shapes():
+    from sharedris.data.synthetic import COLOURS, SHAPES
+    from sharedris.serve.app import describe_model
+
+    about = describe_model("default", 128)
+    assert about["name"] == "default" and "synthetic" in about["description"]
+    for word in [*COLOURS, *SHAPES, "small", "left", "closest to"]:
+        assert word in about["description"], word
 
 
 def test_segment_returns_rle_masks_equal_to_the_predictor(client, predictor):
@@ -93,6 +115,8 @@ def test_png_and_overlay_formats(client, predictor):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     shown = Image.open(io.BytesIO(r.content))
     assert shown.width == 33 and shown.height > 21  # the caption bar sits above the image
+    score = float(r.headers["X-Sharedris-Score"])
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(overlay(img, mask > 127, "the red box", score=score)))
 
 
 def _chunked_multipart(image: bytes, text: str):
@@ -120,7 +144,7 @@ def test_limits_and_bad_requests_are_4xx_json_and_the_service_keeps_serving(clie
     if case == "too_many_texts":
         _assert_error(_post(client, good, ["a"] * 5), 400, "5 expressions", "at most 4")
     elif case == "text_too_long":
-        _assert_error(_post(client, good, ["ok", "x" * 501]), 400, "expression 2", "501 characters", "at most 500")
+        _assert_error(_post(client, good, ["ok", "x" * 501]), 400, "expression 2", "501 characters", "limit is 500")
     elif case == "empty_text":
         _assert_error(_post(client, good, [""]), 400, "expression 1 is empty")
     elif case == "blank_text":

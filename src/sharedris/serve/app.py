@@ -1,4 +1,4 @@
-"""The HTTP service: ``POST /v1/segment``, ``GET /healthz`` and the demo page at ``/``.
+"""The HTTP service: ``POST /v1/segment``, ``GET /v1/model``, ``GET /healthz`` and the demo page at ``/``.
 
 The model is loaded once, when the app is created. Requests are decoded and encoded in parallel
 (FastAPI's thread pool), but one request at a time runs the model: a lock keeps concurrent
@@ -27,14 +27,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sharedris.data.images import ImageError, load_image
+from sharedris.data.synthetic import COLOURS, SHAPES
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.predictor import Predictor
 from sharedris.render import encode_rle, overlay
+from sharedris.text import validate_texts
 
 FORMATS = ("json", "png", "overlay")
 FORM_ALLOWANCE = 64 * 1024  # room for the text fields and multipart framing on top of the image
 USAGE = "send multipart/form-data with an 'image' file and one or more 'text' fields"
 MiB = 1024 * 1024
+EXAMPLE_IMAGE = "example.png"  # a synthetic test scene, shipped in static/ for the demo page
+EXAMPLE_TEXTS = ("the purple diamond", "the green triangle", "the yellow circle")
+DEFAULT_MODEL_DESCRIPTION = (
+    "The default model is small and was trained only on synthetic scenes of flat shapes on a grey "
+    "textured background, so it knows that world and nothing else (not photos). It knows colours "
+    f"({', '.join(COLOURS)}), shapes ({', '.join(SHAPES)}), sizes (small, big, large, the smallest, "
+    "the biggest, the bigger of the two), positions (left, right, top, bottom, middle, the leftmost ...) "
+    "and relations to another object (the circle closest to / next to / farthest from the purple triangle)."
+)
 
 
 @dataclass(frozen=True)
@@ -138,13 +149,10 @@ def _check_texts(texts: list[str], limits: Limits) -> list[str]:
     if len(texts) > limits.max_texts:
         raise RequestError(400, f"got {len(texts)} expressions; this service takes at most "
                                 f"{limits.max_texts} per request, so split them over several requests")
-    for i, t in enumerate(texts, 1):
-        if not t.strip():
-            raise RequestError(400, f"expression {i} is empty; give a phrase such as 'the man on the left'")
-        if len(t) > limits.max_text_chars:
-            raise RequestError(400, f"expression {i} is {len(t):,} characters long; this service takes "
-                                    f"at most {limits.max_text_chars:,} per expression")
-    return texts
+    try:
+        return validate_texts(texts, max_chars=limits.max_text_chars)
+    except ValueError as e:
+        raise RequestError(400, str(e)) from None
 
 
 def _png(img: Image.Image) -> bytes:
@@ -153,8 +161,19 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _demo_page() -> str:
-    return (resources.files("sharedris.serve") / "static" / "index.html").read_text(encoding="utf-8")
+def _static(name: str) -> bytes:
+    return (resources.files("sharedris.serve") / "static" / name).read_bytes()
+
+
+def describe_model(model_dir: str | Path, image_size: int) -> dict[str, Any]:
+    """What ``GET /v1/model`` says about the model in ``model_dir``: name, description, example."""
+    if str(model_dir) == "default":
+        description = DEFAULT_MODEL_DESCRIPTION
+    else:  # a checkpoint records its architecture, not what it was trained on
+        description = (f"A checkpoint loaded from {Path(model_dir).name} ({image_size} px input); the "
+                       "checkpoint does not record what it was trained on, so ask whoever trained it.")
+    return {"name": Path(str(model_dir)).name, "description": description,
+            "example_image": f"/{EXAMPLE_IMAGE}", "example_texts": list(EXAMPLE_TEXTS)}
 
 
 def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
@@ -169,7 +188,8 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
     limits = limits or Limits()
     predictor = Predictor(load_pretrained(model_dir, device=device), device=device)
     model_lock = threading.Lock()
-    page = _demo_page()
+    page, example = _static("index.html").decode("utf-8"), _static(EXAMPLE_IMAGE)
+    about = describe_model(model_dir, predictor.config.image_size)
 
     app = FastAPI(title="sharedris", version=__version__,
                   description="Referring image segmentation: the mask of what a phrase refers to.")
@@ -195,8 +215,8 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            message = (f"{request.url.path} does not exist; the endpoints are GET /, GET /healthz "
-                       "and POST /v1/segment")
+            message = (f"{request.url.path} does not exist; the endpoints are GET /, GET /healthz, "
+                       "GET /v1/model and POST /v1/segment")
         elif exc.status_code == 405:
             message = f"{request.url.path} does not accept {request.method}"
         elif exc.status_code == 400 and "parsing the body" in str(exc.detail):
@@ -212,6 +232,15 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def demo() -> HTMLResponse:
         return HTMLResponse(page)
+
+    @app.get(f"/{EXAMPLE_IMAGE}", include_in_schema=False)
+    def example_image() -> Response:
+        return Response(example, media_type="image/png")
+
+    @app.get("/v1/model")
+    def model_info() -> dict[str, Any]:
+        """The loaded model: its name, what it knows, and an example image with phrases to try."""
+        return about
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -245,7 +274,7 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
         elif fmt == "png":
             body = _png(Image.fromarray(pred.masks[0].astype(np.uint8) * 255))
         else:
-            body = _png(overlay(image, pred.masks[0], texts[0]))
+            body = _png(overlay(image, pred.masks[0], texts[0], score=float(pred.scores[0])))
         t3 = time.perf_counter()
         timings = {"decode": (t1 - t0) * 1000, "inference": (t2 - t1) * 1000, "encode": (t3 - t2) * 1000}
         headers = {"Server-Timing": ", ".join(f"{k};dur={v:.1f}" for k, v in timings.items())}
