@@ -11,8 +11,8 @@ One place decides which precision runs where, so that ``auto`` never picks a pat
 bf16 inference casts a copy of the whole model to bf16 and runs it under autocast. Casting rather than
 autocast alone saves converting every fp32 weight to bf16 on every forward pass: ``sharedris_base`` at
 480 px, batch 1, ran 2.8x faster than fp32 cast vs 2.35x with autocast alone on an AMX Xeon, and
-2.44x vs 2.13x (one thread, AVX-512-BF16 AMD EPYC) in alternating runs; the mask logits differed from
-fp32 by at most 0.0044 vs 0.0031. Autocast still wraps the call so that fp32 inputs (the image) meet
+2.0-2.4x vs 1.9-2.1x (one thread, AVX-512-BF16 AMD EPYC, two runs alternating the variants); the mask
+logits of a random-init model differed from fp32 by at most 0.0044 vs 0.0031. Autocast still wraps the call so that fp32 inputs (the image) meet
 bf16 weights. The caller's model is never changed: bf16 and int8 work on a deep copy, whose outputs a
 forward hook turns back into float32, so mask logits are float32 at every precision.
 
