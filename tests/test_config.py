@@ -3,16 +3,9 @@
 import pytest
 import yaml
 
-from sharedris.config import (
-    ConfigError,
-    DataConfig,
-    OptimConfig,
-    TrainConfig,
-    load_train_config,
-    merge,
-    parse_overrides,
-    to_dict,
-)
+from sharedris.config import ConfigError, merge, parse_overrides, to_dict
+from sharedris.data.config import DataConfig
+from sharedris.train.config import OptimConfig, TrainConfig, load_train_config
 
 
 def _yaml(tmp_path, text: str):

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from sharedris.config import TrainConfig, load_train_config
 from sharedris.data.refer import SPLIT_BYS, resolve_split_by
 from sharedris.modeling.registry import list_models
+from sharedris.train.config import TrainConfig, load_train_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

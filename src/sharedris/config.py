@@ -1,6 +1,11 @@
-"""Typed configuration: dataclass defaults, YAML delta files, ``a.b=c`` command-line overrides.
+"""Typed configuration machinery: dataclass defaults, YAML delta files, ``a.b=c`` overrides.
 
-Unknown keys are errors everywhere (a typo must never silently train the wrong experiment).
+The one way configs are built and changed: :func:`merge` applies a delta to a dataclass,
+:func:`from_dict` builds one from a plain dict (missing keys take their defaults), :func:`to_dict`
+inverts both. The dataclasses themselves live with what they configure (``ModelConfig`` in
+:mod:`sharedris.modeling.config`, ``DataConfig`` in :mod:`sharedris.data.config`, ``TrainConfig`` in
+:mod:`sharedris.train.config`). Unknown keys are errors everywhere (a typo must never silently
+train the wrong experiment).
 """
 
 from __future__ import annotations
@@ -8,93 +13,16 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
-
-from sharedris.data.synthetic import FAMILIES
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration the user wrote that cannot be applied; the message names the key."""
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "synthetic"  # synthetic | refcoco | refcoco+ | refcocog
-    root: str | None = None  # refer-format root; falls back to $SHAREDRIS_DATA
-    split_by: str | None = None  # unc / umd / google; None = the dataset's usual one
-    train_split: str = "train"
-    val_split: str = "val"  # selection never uses a test split
-    text_field: str = "raw"  # refer sentences: "raw" (typed text, what LAVT feeds) or "sent"
-    synthetic_image_size: int = 128
-    synthetic_train_size: int = 20000
-    synthetic_eval_size: int = 1000  # per evaluation split
-    # Training scenes only (evaluation always draws every family alike): each scene's family is drawn
-    # uniformly from this list, so a family listed twice is drawn twice as often.
-    synthetic_train_families: tuple[str, ...] = FAMILIES
-    synthetic_fresh_epochs: bool = False  # each epoch new training scenes (e*N..e*N+N-1) instead of the same N
-    seed: int = 0
-    shuffle_texts: bool = False  # control experiment: texts permuted across samples
-    num_workers: int = 2
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 5e-5  # encoder learning rate
-    new_module_lr_mult: float = 10.0  # FPN, decoder (and a stem trained from scratch) learn faster
-    weight_decay: float = 0.01
-    layer_decay: float = 1.0  # layer-wise lr decay for the encoder; 1.0 = off
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 1.0  # max global grad norm; 0 = off
-    warmup_epochs: float = 1.0
-    poly_power: float = 0.9
-
-
-@dataclass
-class LossConfig:
-    bce_weight: float = 2.0
-    dice_weight: float = 0.5
-
-
-@dataclass
-class StemPretrainConfig:
-    """A short stage before the referring loss: the image stem alone learns the objects' categories.
-
-    Measured on sharedris_tiny (docs/training.md): trained from scratch, the referring loss alone
-    never makes the stem encode shape; a few hundred steps of this stage do. Fresh runs only.
-    """
-
-    steps: int = 0  # 0 = off
-    scenes_per_step: int = 16
-    lr: float = 1e-3
-
-
-@dataclass
-class TrainConfig:
-    model: str = "sharedris_tiny"
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # passed to build_model
-    encoder_weights: str | None = None  # official BEiT-3 file to initialise the encoder from
-    tokenizer: str | None = None  # SentencePiece file; None = the one bundled for the model
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    stem_pretrain: StemPretrainConfig = field(default_factory=StemPretrainConfig)
-    epochs: int = 40
-    batch_size: int = 32  # global batch (all ranks, after accumulation)
-    grad_accum: int = 1
-    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | none
-    drop_path: float = 0.1
-    grad_checkpointing: bool = False
-    seed: int = 0
-    out_dir: str = "runs/default"
-    eval_every: int = 1  # epochs
-    checkpoint_every: int = 500  # steps, besides every epoch end
-    log_every: int = 20  # steps
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -111,9 +39,13 @@ def _plain(value: Any) -> Any:
 
 
 def merge(cfg: T, delta: Mapping[str, Any], where: str = "") -> T:
-    """A copy of dataclass ``cfg`` with ``delta`` applied recursively; unknown keys raise ConfigError."""
+    """A copy of dataclass ``cfg`` with ``delta`` applied recursively; unknown keys raise ConfigError.
+
+    A nested dataclass field takes a mapping of its own fields (merged over its current value) or
+    a whole instance of its type.
+    """
     if not isinstance(delta, Mapping):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(delta).__name__}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(delta).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     hints = typing.get_type_hints(type(cfg))
     changes = {}
@@ -123,10 +55,47 @@ def merge(cfg: T, delta: Mapping[str, Any], where: str = "") -> T:
             raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(fields)}")
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):
-            changes[key] = merge(current, value, where=f"{path}.")
+            changes[key] = value if isinstance(value, type(current)) else merge(current, value, where=f"{path}.")
         else:
             changes[key] = _coerce(value, hints[key], path)
-    return dataclasses.replace(cfg, **changes)
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a dataclass's own check (__post_init__) refused the values
+        raise ConfigError(str(e)) from None
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a plain dict (e.g. :func:`to_dict` output read back from JSON).
+
+    Keys missing from ``data`` take the field's default, so files written before a field existed
+    still load; a missing field without a default and an unknown key are ConfigErrors.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; valid keys here: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        path = f"{where}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"config lacks {path!r}")
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = data[name]
+            values[name] = value if isinstance(value, hint) else from_dict(hint, value, where=f"{path}.")
+        else:
+            values[name] = _coerce(data[name], hint, path)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
@@ -198,8 +167,10 @@ def _deep_update(base: dict[str, Any], delta: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML delta file at ``path`` (if any), then ``key=value`` overrides."""
+
+
+def load_delta(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The delta of the YAML file at ``path`` (if any) with ``key=value`` overrides on top."""
     delta: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -211,5 +182,4 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
             raise ConfigError(f"config file {path} is not valid YAML ({e})") from None
         if not isinstance(delta, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys")
-    delta = _deep_update(delta, parse_overrides(overrides))
-    return merge(TrainConfig(), delta)
+    return _deep_update(delta, parse_overrides(overrides))

@@ -1,0 +1,27 @@
+"""What data a run trains and validates on: :class:`DataConfig` (part of the training config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sharedris.data.synthetic import FAMILIES
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # a name in sharedris.data.registry.DATASETS
+    root: str | None = None  # refer-format root; falls back to $SHAREDRIS_DATA
+    split_by: str | None = None  # unc / umd / google; None = the dataset's usual one
+    train_split: str = "train"
+    val_split: str = "val"  # selection never uses a test split
+    text_field: str = "raw"  # refer sentences: "raw" (typed text, what LAVT feeds) or "sent"
+    synthetic_image_size: int = 128
+    synthetic_train_size: int = 20000
+    synthetic_eval_size: int = 1000  # per evaluation split
+    # Training scenes only (evaluation always draws every family alike): each scene's family is drawn
+    # uniformly from this list, so a family listed twice is drawn twice as often.
+    synthetic_train_families: tuple[str, ...] = FAMILIES
+    synthetic_fresh_epochs: bool = False  # each epoch new training scenes (e*N..e*N+N-1) instead of the same N
+    seed: int = 0
+    shuffle_texts: bool = False  # control experiment: texts permuted across samples
+    num_workers: int = 2
