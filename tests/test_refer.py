@@ -23,12 +23,14 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sharedris.cli import main
-from sharedris.config import DataConfig, TrainConfig, merge
-from sharedris.data.datasets import build_source
+from sharedris.config import merge
+from sharedris.data.config import DataConfig
+from sharedris.data.registry import build_source
 from sharedris.data.refer import RefDataset, ReferError, decode_segmentation, load_refs
 from sharedris.data.synthetic import write_refer_format
-from sharedris.modeling.pretrained import resolve_tokenizer, save_pretrained
+from sharedris.modeling.pretrained import save_pretrained
 from sharedris.modeling.registry import build_model, model_config
+from sharedris.train.config import TrainConfig
 from sharedris.train.loop import train
 
 SIZE = 64
@@ -143,7 +145,7 @@ def test_every_split_has_one_sample_per_sentence(refer_root):
             s = ds[i]
             assert s["image"].mode == "RGB" and s["image"].size == (SIZE, SIZE)
             assert s["mask"].dtype == bool and s["mask"].shape == (SIZE, SIZE) and s["mask"].any()
-            assert isinstance(s["text"], str) and s["family"] == "" and s["split"] == split
+            assert isinstance(s["text"], str) and s["group"] == "" and s["split"] == split
     train_ds = RefDataset(refer_root["root"], "refcoco", split="train")
     texts = [train_ds[i]["text"] for i in range(len(train_ds)) if train_ds[i]["ref_id"] == refer_root["multi_ref"]]
     assert len(texts) == 3 and texts[1:] == ["Extra 0", "Extra 1"]
@@ -335,7 +337,7 @@ def _one_thread():
 def test_eval_cli_reports_each_split(refer_root, tmp_path, capsys):
     cfg = model_config("sharedris_tiny", **TINY_MODEL)
     torch.manual_seed(0)
-    folder = save_pretrained(build_model(cfg), cfg, tmp_path / "ckpt", resolve_tokenizer(cfg))
+    folder = save_pretrained(build_model(cfg), tmp_path / "ckpt")
     out = tmp_path / "metrics.json"
     main(["eval", "--model", str(folder), "--dataset", "refcoco", "--root", str(refer_root["root"]),
           "--split", "val,testA,testB", "--protocol", "resized", "--batch-size", "4", "--out", str(out)])

@@ -13,10 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
-
+from sharedris.data.images import ImageError, read_dataset_image
 from sharedris.data.refer import SPLIT_BYS, SPLITS, ReferError, decode_segmentation, read_refer, resolve_split_by
+from sharedris.progress import progress as progress_bar
 
 # docs/reference.md (counts from lichengunc/refer): (dataset, split_by) -> split -> (refs, images, sentences).
 OFFICIAL_COUNTS: dict[tuple[str, str], dict[str, tuple[int, int, int]]] = {
@@ -34,15 +33,11 @@ UNVERIFIED_SENTENCES = {("refcocog", "umd"), ("refcocog", "google")}
 def _check_image(path: Path, height: int, width: int) -> str | None:
     """None if the file is a decodable image of ``width`` x ``height``, else the problem."""
     try:
-        with Image.open(path) as im:
-            if im.size != (width, height):
-                return f"image {path} is {im.width}x{im.height} but instances.json says {width}x{height}"
-            im.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # JPEG: decode at 1/8 scale, fast
-            im.load()
+        read_dataset_image(path, height, width, check_only=True)
     except FileNotFoundError:
         return f"image {path} is missing"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return f"image {path} cannot be read ({e})"
+    except ImageError as e:
+        return str(e)
     return None
 
 
@@ -118,7 +113,7 @@ def check_root(root: str | Path, dataset: str | None = None, split_by: str | Non
                 echo(f"  note: {n} refs of split {other!r}, not a {sb} split, are not used")
 
             todo = sorted(set(index.images.values()) - set(checked_images))
-            for file_name, height, width in tqdm(todo, desc=f"{name}/{sb} images", disable=not progress,
+            for file_name, height, width in progress_bar(todo, desc=f"{name}/{sb} images", disable=not progress,
                                                  leave=False):
                 checked_images[(file_name, height, width)] = _check_image(image_root / file_name, height, width)
             bad = {checked_images[info] for info in index.images.values()} - {None}

@@ -39,6 +39,8 @@ def load_image(src: ImageInput, name: str | None = None) -> Image.Image:
     if isinstance(src, (str, Path)):
         path = Path(src)
         name = name or str(path)
+        if path.is_dir():
+            raise ImageError(f"{name} is a directory, not an image file; give the path of one image")
         if not path.is_file():
             raise ImageError(f"image {name} does not exist")
         data = path.read_bytes()
@@ -91,3 +93,32 @@ def _from_array(arr: np.ndarray) -> Image.Image:
             raise ImageError("the image array is empty")
         return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
     raise ImageError(f"image arrays must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
+
+
+def read_dataset_image(path: str | Path, height: int, width: int, check_only: bool = False) -> Image.Image:
+    """A dataset image as stored: no EXIF rotation, since its size must match ``instances.json``.
+
+    Args:
+        path: the image file.
+        height, width: the size ``instances.json`` gives; another size is an error.
+        check_only: decode a JPEG at 1/8 scale (fast) to check that it is readable; the returned
+            image is then that small version.
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ImageError: unreadable, or of another size.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.size != (width, height):
+                raise ImageError(f"image {path} is {im.width}x{im.height} but instances.json says "
+                                 f"{width}x{height}; the image or the annotation file is from another release")
+            if check_only:
+                im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"image {path} cannot be read ({e})") from None

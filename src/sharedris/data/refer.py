@@ -28,8 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools import mask as mask_utils
+
+from sharedris.data.images import ImageError, read_dataset_image
+from sharedris.data.sample import RefSample
 
 SPLIT_BYS: dict[str, tuple[str, ...]] = {"refcoco": ("unc",), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
 SPLITS: dict[str, tuple[str, ...]] = {
@@ -40,8 +43,8 @@ SPLITS: dict[str, tuple[str, ...]] = {
 TEXT_FIELDS = ("raw", "sent")
 MIN_POLYGON_NUMBERS = 6  # COCO drops polygons of fewer than 3 points
 
-# (image_id, ann_id, text, ref_id, sent_id): all a sample needs before decoding.
-Sample = tuple[int, int, str, int, int]
+# (image_id, ann_ids, text, ref_id, sent_id): all a sample needs before decoding.
+Sample = tuple[int, tuple[int, ...], str, int, int]
 
 
 class ReferError(ValueError):
@@ -184,6 +187,11 @@ class ReferIndex:
     other_splits: dict[str, int] = field(default_factory=dict)
 
 
+def _ann_ids(value: Any) -> tuple[int, ...]:
+    """A ref's ``ann_id``: one id (RefCOCO family) or a list of ids (several referred objects)."""
+    return tuple(int(a) for a in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
 def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_field: str = "raw") -> ReferIndex:
     """Index ``<ref_dir>/refs(<split_by>).p`` and ``<ref_dir>/instances.json`` for ``splits``.
 
@@ -205,7 +213,7 @@ def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_f
     refs_per_split = dict.fromkeys(splits, 0)
     images_per_split: dict[str, set[int]] = {s: set() for s in splits}
     other_splits: dict[str, int] = {}
-    ann_of_ref: dict[int, tuple[int, int]] = {}  # ref id -> (ann id, image id)
+    anns_of_ref: dict[int, tuple[tuple[int, ...], int]] = {}  # ref id -> (ann ids, image id)
     refs = load_refs(refs_path)
     for i, ref in enumerate(refs):
         try:
@@ -213,19 +221,20 @@ def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_f
             if split not in samples:
                 other_splits[str(split)] = other_splits.get(str(split), 0) + 1
                 continue
-            ref_id, ann_id, image_id = int(ref["ref_id"]), int(ref["ann_id"]), int(ref["image_id"])
+            ref_id, image_id = int(ref["ref_id"]), int(ref["image_id"])
+            ann_ids = _ann_ids(ref["ann_id"])
             for sent in ref["sentences"]:
-                samples[split].append((image_id, ann_id, str(sent[text_field]), ref_id, int(sent["sent_id"])))
+                samples[split].append((image_id, ann_ids, str(sent[text_field]), ref_id, int(sent["sent_id"])))
         except KeyError as e:
             raise ReferError(f"{refs_path}: ref #{i} has no {e} field; is this a refer-format refs file?") from None
         except (TypeError, ValueError) as e:
             raise ReferError(f"{refs_path}: ref #{i} is malformed ({e})") from None
         refs_per_split[split] += 1
         images_per_split[split].add(image_id)
-        ann_of_ref[ref_id] = (ann_id, image_id)
+        anns_of_ref[ref_id] = (ann_ids, image_id)
     del refs  # the largest object here; gone before instances.json is parsed
 
-    need_anns = {ann for ann, _ in ann_of_ref.values()}
+    need_anns = {ann for anns, _ in anns_of_ref.values() for ann in anns}
     need_images = set().union(*images_per_split.values())
     images: dict[int, tuple[str, int, int]] = {}
     annotations: dict[int, tuple[int, Any]] = {}
@@ -251,13 +260,14 @@ def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_f
         raise ReferError(f"{instances_path} has no 'images' and 'annotations' lists; is it a COCO instances file?")
 
     problems = []
-    for ref_id, (ann_id, image_id) in ann_of_ref.items():
-        if ann_id not in annotations:
-            problems.append(f"ref {ref_id}: annotation {ann_id} is not in {instances_path}")
-        elif annotations[ann_id][0] != image_id:
-            problems.append(f"ref {ref_id}: annotation {ann_id} belongs to image {annotations[ann_id][0]}, "
-                            f"not to the ref's image {image_id}")
-        elif image_id not in images:
+    for ref_id, (ann_ids, image_id) in anns_of_ref.items():
+        for ann_id in ann_ids:
+            if ann_id not in annotations:
+                problems.append(f"ref {ref_id}: annotation {ann_id} is not in {instances_path}")
+            elif annotations[ann_id][0] != image_id:
+                problems.append(f"ref {ref_id}: annotation {ann_id} belongs to image {annotations[ann_id][0]}, "
+                                f"not to the ref's image {image_id}")
+        if image_id not in images:
             problems.append(f"ref {ref_id}: image {image_id} is not in {instances_path}")
     counts = {s: (refs_per_split[s], len(images_per_split[s]), len(samples[s])) for s in splits}
     return ReferIndex(samples, images, annotations, counts, problems, other_splits)
@@ -266,10 +276,11 @@ def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_f
 class RefDataset:
     """One split of RefCOCO / RefCOCO+ / RefCOCOg, one sample per sentence.
 
-    ``ds[i]`` is a dict with ``image`` (PIL RGB at its stored size, no EXIF rotation: the size must
-    match ``instances.json``), ``mask`` (bool HxW, the referred object), ``text`` (the sentence's
-    ``text_field``), ``ref_id``, ``sent_id``, ``image_id``, ``split`` and ``family`` ("": refer
-    data has no breakdown key; report splits separately).
+    ``ds[i]`` is a :class:`~sharedris.data.sample.RefSample`: ``image`` (PIL RGB at its stored size,
+    no EXIF rotation: the size must match ``instances.json``), ``mask`` (bool HxW, the union of the
+    referred annotations), ``text`` (the sentence's ``text_field``), ``ann_ids``, ``group`` (""
+    : refer data has no breakdown key; report splits separately), plus ``ref_id``, ``sent_id``,
+    ``image_id`` and ``split``.
 
     Args:
         root: the folder holding ``refcoco/``, ``refcoco+/``, ``refcocog/`` and ``images/``.
@@ -281,7 +292,7 @@ class RefDataset:
         text_field: ``raw`` (the typed text, what LAVT feeds) or ``sent`` (cleaned lower case).
     """
 
-    families: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
 
     def __init__(self, root: str | Path, dataset: str = "refcoco", split_by: str | None = None,
                  split: str = "val", image_root: str | Path | None = None, text_field: str = "raw") -> None:
@@ -303,33 +314,31 @@ class RefDataset:
     def __len__(self) -> int:
         return len(self._samples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> RefSample:
         index = operator.index(index)
-        image_id, ann_id, text, ref_id, sent_id = self._samples[index]
+        image_id, ann_ids, text, ref_id, sent_id = self._samples[index]
         file_name, height, width = self._images[image_id]
         image = self._read_image(self.image_root / file_name, height, width)
-        try:
-            mask = decode_segmentation(self._annotations[ann_id][1], height, width)
-        except ValueError as e:
-            raise ReferError(f"annotation {ann_id} in {self.root / self.dataset / 'instances.json'} "
-                             f"cannot be decoded: {e}") from None
-        return {"image": image, "mask": mask, "text": text, "ref_id": ref_id, "sent_id": sent_id,
-                "image_id": image_id, "split": self.split, "family": ""}
+        mask = np.zeros((height, width), dtype=bool)
+        for ann_id in ann_ids:  # several referred objects: the target is their union
+            try:
+                mask |= decode_segmentation(self._annotations[ann_id][1], height, width)
+            except ValueError as e:
+                raise ReferError(f"annotation {ann_id} in {self.root / self.dataset / 'instances.json'} "
+                                 f"cannot be decoded: {e}") from None
+        return {"image": image, "mask": mask, "text": text, "ann_ids": list(ann_ids), "group": "",
+                "ref_id": ref_id, "sent_id": sent_id, "image_id": image_id, "split": self.split}
 
     @staticmethod
     def _read_image(path: Path, height: int, width: int) -> Image.Image:
         try:
-            with Image.open(path) as im:
-                if im.size != (width, height):
-                    raise ReferError(f"image {path} is {im.width}x{im.height} but instances.json says "
-                                     f"{width}x{height}; the image or the annotation file is from another release")
-                return im.convert("RGB")
+            return read_dataset_image(path, height, width)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"image {path} does not exist; point --root / data.root / $SHAREDRIS_DATA (or image_root) "
                 "at the folder whose images/train2014 holds the COCO train2014 images") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ReferError(f"image {path} cannot be read ({e}); re-download it") from None
+        except ImageError as e:
+            raise ReferError(f"{e}; re-download it") from None
 
     def __repr__(self) -> str:
         return (f"RefDataset({self.dataset}/{self.split_by} {self.split}: {len(self)} sentences, "

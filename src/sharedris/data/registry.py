@@ -1,0 +1,56 @@
+"""Datasets by name: a plain dict from name to a builder ``(DataConfig, split, train) -> Source``.
+
+``build_source`` is how training and ``sharedris eval`` open data; adding a dataset is one entry in
+:data:`DATASETS`. Refer-format readers are imported only when used (they need pycocotools).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from sharedris.data.config import DataConfig
+from sharedris.data.sample import Source
+
+
+def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
+    from sharedris.data.synthetic import FAMILIES, SyntheticRefScenes
+
+    return SyntheticRefScenes(
+        split=split,
+        size=cfg.synthetic_image_size,
+        length=cfg.synthetic_train_size if train else cfg.synthetic_eval_size,
+        seed=cfg.seed,
+        families=cfg.synthetic_train_families if train else FAMILIES,
+        shuffle_texts=cfg.shuffle_texts and train,
+        fresh_epochs=cfg.synthetic_fresh_epochs and train,
+    )
+
+
+def _refer(dataset: str) -> Callable[[DataConfig, str, bool], Source]:
+    def build(cfg: DataConfig, split: str, train: bool) -> Source:
+        from sharedris.data.refer import RefDataset, data_root
+
+        return RefDataset(data_root(cfg.root), dataset=dataset, split_by=cfg.split_by, split=split,
+                          text_field=cfg.text_field)
+
+    return build
+
+
+DATASETS: dict[str, Callable[[DataConfig, str, bool], Source]] = {
+    "synthetic": _synthetic,
+    "refcoco": _refer("refcoco"),
+    "refcoco+": _refer("refcoco+"),
+    "refcocog": _refer("refcocog"),
+}
+
+
+def dataset_names() -> list[str]:
+    """Names accepted by ``DataConfig.dataset`` and ``sharedris eval --dataset``."""
+    return list(DATASETS)
+
+
+def build_source(cfg: DataConfig, split: str, train: bool) -> Source:
+    """The dataset named by ``cfg`` for ``split``. ``train`` selects the training length and controls."""
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; available: {', '.join(DATASETS)}")
+    return DATASETS[cfg.dataset](cfg, split, train)
