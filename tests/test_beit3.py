@@ -208,7 +208,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_drop_path_only_in_training():
     enc = BEiT3(BEiT3Config.tiny(image_size=64, depth=2, embed_dim=64, num_heads=2, mlp_dim=128,
-                                  vocab_size=100, drop_path_rate=0.5))
+                                  vocab_size=100), drop_path_rate=0.5)
     image, ids, pad = _inputs()
     enc.eval()
     with torch.no_grad():

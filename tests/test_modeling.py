@@ -11,6 +11,7 @@ from sharedris.modeling import (
     MaskDecoder,
     ModelConfig,
     SharedFPN,
+    SegmenterOutput,
     SharedRIS,
     build_model,
     list_models,
@@ -24,7 +25,7 @@ def _small(image_size: int = 64, patch_size: int = 8, **overrides) -> ModelConfi
     kw = dict(
         image_size=image_size, text_len=8, taps=(1, 2, 3, 4),
         encoder=dict(depth=4, embed_dim=32, num_heads=2, mlp_dim=64, vocab_size=50, patch_size=patch_size),
-        fpn=dict(width=32, num_heads=2, fine_width=0), decoder=dict(width=32, num_heads=2),
+        fpn=dict(width=32, num_heads=2, fine_width=0), decoder=dict(num_heads=2),
     )
     return model_config("sharedris_tiny", **{**kw, **overrides})
 
@@ -58,7 +59,7 @@ def test_every_stage_has_the_documented_shapes(image_size, patch_size):
         taps = model.encoder.forward_intermediates(image, ids, pad, cfg.taps)
         feats = model.fpn(taps, pad, g)
         logits = model.decoder(feats.pixel, feats.mid, feats.text, pad)
-        full = model(image, ids, pad)
+        full = model(image, ids, pad).mask_logits
     assert [tuple(v.shape) for v, _ in taps] == [(B, 1 + g * g, D)] * 4
     assert feats.pixel.shape == (B, C, 4 * g, 4 * g)
     assert feats.mid.shape == (B, C, g, g)
@@ -114,10 +115,11 @@ def test_train_and_eval_return_the_same_type():
     out_train = model.train()(image, ids, pad)
     with torch.no_grad():
         out_eval = model.eval()(image, ids, pad)
-    assert type(out_train) is type(out_eval) is torch.Tensor
-    assert out_train.shape == out_eval.shape
+    assert type(out_train) is type(out_eval) is SegmenterOutput
+    assert out_train._fields == ("mask_logits",) and type(out_eval.mask_logits) is torch.Tensor
+    assert out_train.mask_logits.shape == out_eval.mask_logits.shape
     with torch.no_grad():
-        assert model(image, ids).shape == out_eval.shape  # no padding mask: every token is real
+        assert model(image, ids).mask_logits.shape == out_eval.mask_logits.shape  # no padding mask: every token is real
 
 
 @pytest.mark.parametrize("fine_width", [0, 8])
@@ -128,7 +130,7 @@ def test_every_trainable_parameter_gets_a_gradient(fine_width):
     image, ids, pad = _inputs(cfg)
     target = torch.zeros(2, 1, cfg.image_size, cfg.image_size)
     target[:, :, 8:40, 16:48] = 1
-    segmentation_loss(model(image, ids, pad), target)["loss"].backward()
+    segmentation_loss(model(image, ids, pad).mask_logits, target)["loss"].backward()
     frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
     assert frozen == ["encoder.norm.A.bias", "encoder.norm.A.weight", "encoder.norm.B.bias", "encoder.norm.B.weight"]
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
@@ -150,8 +152,8 @@ def test_extra_padding_does_not_change_the_logits():
     longer_ids = torch.cat([ids, torch.ones(1, 6, dtype=torch.long)], dim=1)
     longer_pad = torch.cat([pad, torch.ones(1, 6, dtype=torch.bool)], dim=1)
     with torch.no_grad():
-        a = model(image, ids, pad)
-        b = model(image, longer_ids, longer_pad)
+        a = model(image, ids, pad).mask_logits
+        b = model(image, longer_ids, longer_pad).mask_logits
     assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -166,7 +168,7 @@ def test_tiny_model_overfits_two_samples():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(60):
-        loss = segmentation_loss(model(image, ids, pad), target)["loss"]
+        loss = segmentation_loss(model(image, ids, pad).mask_logits, target)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -183,7 +185,7 @@ def test_no_weight_decay_names_are_real_parameters():
 
 
 def test_decoder_logit_scale_starts_at_inverse_sqrt_width():
-    dec = MaskDecoder(_small().decoder)
+    dec = MaskDecoder(_small().decoder, width=32)
     assert dec.logit_scale.item() == pytest.approx(32**-0.5)
     assert dec.logit_bias.item() == 0.0
 
@@ -195,7 +197,7 @@ def test_registered_models():
     assert (base.taps, base.image_size, base.text_len, base.tokenizer) == ((4, 6, 8, 12), 480, 40, "beit3.spm")
     assert (base.encoder.depth, base.encoder.embed_dim, base.encoder.grid_size) == (12, 768, 30)
     assert (large.taps, large.encoder.depth, large.encoder.embed_dim) == ((8, 12, 16, 24), 24, 1024)
-    assert base.fpn.width == large.fpn.width == base.decoder.width == 256
+    assert base.fpn.width == large.fpn.width == 256
     assert base.fpn.pixel_channels == large.fpn.pixel_channels == 64 and tiny.fpn.pixel_channels == tiny.fpn.width
     assert (tiny.encoder.grid_size, tiny.fpn.width, tiny.fpn.num_heads, tiny.text_len) == (8, 64, 2, 24)
     assert tiny.fpn.fine_width == tiny.fpn.output_channels == 32 and base.fpn.output_channels == 64
@@ -221,18 +223,18 @@ def test_tiny_builds_and_runs():
     model = build_model("sharedris_tiny").eval()
     image, ids, pad = _inputs(cfg, batch=1, length=cfg.text_len)
     with torch.no_grad():
-        assert model(image, ids, pad).shape == (1, 1, 128, 128)
+        assert model(image, ids, pad).mask_logits.shape == (1, 1, 128, 128)
 
 
 def test_overrides_nest_and_image_size_sets_the_encoder():
-    cfg = model_config("sharedris_tiny", image_size=96, fpn={"width": 48, "shared_levels": [5, 4]},
-                       decoder={"width": 48})
-    assert cfg.encoder.image_size == 96 and cfg.fpn.shared_levels == (5, 4) and cfg.fpn.width == 48
+    cfg = model_config("sharedris_tiny", image_size=96, fpn={"width": 48, "shared_levels": [5, 4]})
+    assert cfg.encoder.image_size == cfg.image_size == 96 and cfg.fpn.shared_levels == (5, 4) and cfg.fpn.width == 48
     assert model_config("sharedris_tiny").fpn.width == 64  # the registry hands out fresh configs
-    with pytest.raises(ValueError, match="decoder.width"):
-        model_config("sharedris_tiny", fpn={"width": 32})
-    with pytest.raises(ValueError, match="image_size"):
-        model_config("sharedris_tiny", encoder={"image_size": 96})
+    # derived values are stored once: the decoder takes the FPN's width, the input size is the encoder's
+    assert build_model(cfg).decoder.query_embed.shape[-1] == 48
+    assert model_config("sharedris_tiny", encoder={"image_size": 96}).image_size == 96
+    with pytest.raises(ValueError, match="width"):
+        model_config("sharedris_tiny", decoder={"width": 32})
 
 
 def test_unknown_names_and_keys_are_clear_errors():
@@ -280,4 +282,4 @@ def test_narrow_pixel_level_shapes():
     feats = model.fpn(taps, pad, cfg.encoder.grid_size)
     assert feats.pixel.shape == (2, 8, 4 * cfg.encoder.grid_size, 4 * cfg.encoder.grid_size)
     assert feats.mid.shape[1] == 32
-    assert model(image, ids, pad).shape == (2, 1, cfg.image_size, cfg.image_size)
+    assert model(image, ids, pad).mask_logits.shape == (2, 1, cfg.image_size, cfg.image_size)

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from sharedris.modeling.beit3 import POSITION_OFFSET
+from sharedris.modeling.segmenter import SegmenterOutput
 
 INPUT_NAMES = ("image", "text_ids", "text_padding_mask")
-OUTPUT_NAMES = ("logits",)
+OUTPUT_NAMES = SegmenterOutput._fields  # one ONNX output per field, in order
 _MAX_INLINE_BYTES = 1_800_000_000  # a protobuf holds at most 2 GB; above this, weights go to a .data file
 
 

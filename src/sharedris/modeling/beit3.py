@@ -39,8 +39,6 @@ class BEiT3Config:
     in_chans: int = 3
     max_text_positions: int = 1024
     layernorm_eps: float = 1e-5
-    drop_path_rate: float = 0.0
-    grad_checkpointing: bool = False
     stem: str = "patch"  # "patch": one Conv2d (official); "conv": stride-2 3x3 convs (tiny, from scratch)
     # Initial patch positions: "normal" (small random, what pretrained weights then overwrite) or
     # "sincos" (2-D sine-cosine of the patch's row and column; still trained). From scratch, random
@@ -117,7 +115,7 @@ class BEiT3(nn.Module):
     hidden states after chosen blocks for dense heads.
     """
 
-    def __init__(self, cfg: BEiT3Config) -> None:
+    def __init__(self, cfg: BEiT3Config, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
@@ -130,12 +128,12 @@ class BEiT3(nn.Module):
         self.pos_embed_text = nn.Parameter(torch.zeros(cfg.max_text_positions, D))
         if cfg.pos_init not in ("normal", "sincos"):
             raise ValueError(f"unknown pos_init {cfg.pos_init!r}; use 'normal' or 'sincos'")
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # also under meta
+        rates = torch.linspace(0, drop_path_rate, cfg.depth, device="cpu").tolist()  # also under meta
         self.blocks = nn.ModuleList(
             MultiwayBlock(D, cfg.num_heads, cfg.mlp_dim, cfg.layernorm_eps, drop_path=r) for r in rates
         )
         self.norm = Multiway(lambda: nn.LayerNorm(D, eps=cfg.layernorm_eps))
-        self.grad_checkpointing = cfg.grad_checkpointing
+        self.grad_checkpointing = False  # a training setting: set_grad_checkpointing
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -20,15 +20,15 @@ from sharedris.modeling.multiway import MultiwayBlock, key_padding_to_attn_mask
 class DecoderConfig:
     """Hyper-parameters of :class:`MaskDecoder`.
 
+    The token width is the FPN's (``FPNConfig.width``), passed to :class:`MaskDecoder`.
+
     Args:
-        width: token width C; must equal the FPN width.
         depth: number of Multiway blocks N_dec.
         num_heads: attention heads.
         mlp_ratio: FFN hidden width is ``width * mlp_ratio``.
         eps: LayerNorm epsilon.
     """
 
-    width: int = 256
     depth: int = 2
     num_heads: int = 8
     mlp_ratio: float = 2.0
@@ -44,13 +44,14 @@ class MaskDecoder(nn.Module):
 
     Args:
         cfg: decoder hyper-parameters.
+        width: token width C, the FPN's width.
         pixel_dim: channels Cp of the FPN's pixel features (``FPNConfig.output_channels``).
     """
 
-    def __init__(self, cfg: DecoderConfig, pixel_dim: int | None = None) -> None:
+    def __init__(self, cfg: DecoderConfig, width: int, pixel_dim: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        C = cfg.width
+        C = width
         Cp = pixel_dim or C
         self.query_proj = nn.Linear(C, C)
         self.query_embed = nn.Parameter(torch.zeros(1, 1, C))

@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 from sharedris.checkpoint import atomic_write
-from sharedris.modeling.registry import ModelConfig, build_model
+from sharedris.modeling.registry import MODELS, ModelConfig, build_model
 from sharedris.modeling.segmenter import SharedRIS
 
 FORMAT = "sharedris"
-FORMAT_VERSION = 1
+# 2: training settings (encoder drop_path_rate, grad_checkpointing) and derived values (image_size,
+# decoder width) left the model config; version-1 files are read by dropping them (_upgrade_v1).
+FORMAT_VERSION = 2
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
@@ -46,15 +48,19 @@ def resolve_tokenizer(cfg: ModelConfig, explicit: str | Path | None = None) -> P
     return bundled
 
 
-def save_pretrained(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, tokenizer_file: str | Path,
+def save_pretrained(model: SharedRIS, out_dir: str | Path, tokenizer_file: str | Path | None = None,
                     dtype: torch.dtype = torch.float32) -> Path:
     """Write ``config.json``, ``model.safetensors`` and the tokenizer into ``out_dir``, each atomically.
 
+    The config is ``model.config``; the tokenizer is ``tokenizer_file``, else the model's own
+    (``model.tokenizer_file``), else the bundled one of ``model.config.tokenizer``.
     ``dtype=torch.float16`` halves the file (the bundled default model); :func:`load_pretrained`
     always returns fp32 weights.
     """
     from safetensors.torch import save_file
 
+    cfg = model.config
+    tokenizer_file = resolve_tokenizer(cfg, tokenizer_file or model.tokenizer_file)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
@@ -65,12 +71,31 @@ def save_pretrained(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, tok
     return out
 
 
+def _upgrade_v1(model: dict) -> dict:
+    """A format-1 model config in today's form: drop the training settings and derived copies."""
+    model = {**model, "encoder": dict(model.get("encoder", {})), "decoder": dict(model.get("decoder", {}))}
+    model["encoder"].pop("drop_path_rate", None)
+    model["encoder"].pop("grad_checkpointing", None)
+    size = model.pop("image_size", None)
+    if size is not None and size != model["encoder"].get("image_size", size):
+        raise ValueError(f"image_size {size} differs from encoder.image_size {model['encoder']['image_size']}")
+    width = model["decoder"].pop("width", None)
+    if width is not None and width != model.get("fpn", {}).get("width", width):
+        raise ValueError(f"decoder.width {width} differs from fpn.width {model['fpn']['width']}")
+    return model
+
+
 def load_pretrained(path: str | Path = "default", device: torch.device | str = "cpu") -> SharedRIS:
     """Rebuild a model from a checkpoint folder (or ``"default"``), in eval mode.
 
-    The returned model carries ``config`` (its :class:`ModelConfig`) and ``tokenizer_file``.
+    The returned model carries ``config`` (its :class:`ModelConfig`) and ``tokenizer_file`` (the
+    folder's tokenizer).
     """
     folder = assets_dir() / "default" if str(path) == "default" else Path(path)
+    if not folder.exists() and str(path) in MODELS:
+        raise PretrainedError(f"no weights ship for the architecture {path}: only 'default' is bundled; train "
+                              f"one (sharedris train model={path} ...; `sharedris fetch weights beit3_base` gets "
+                              "the BEiT-3 encoder initialisation, see docs/real-photos.md) and load its folder")
     if not folder.is_dir():
         raise PretrainedError(f"model folder {folder} does not exist (expected a folder written by "
                               "save_pretrained, or 'default')")
@@ -86,7 +111,8 @@ def load_pretrained(path: str | Path = "default", device: torch.device | str = "
         raise PretrainedError(f"{folder} was written by a newer sharedris (format "
                               f"{meta['format_version']}); upgrade sharedris")
     try:
-        cfg = ModelConfig.from_dict(meta["model"])
+        model_dict = meta["model"] if meta.get("format_version", 0) >= 2 else _upgrade_v1(meta["model"])
+        cfg = ModelConfig.from_dict(model_dict)
     except (KeyError, TypeError, ValueError) as e:
         raise PretrainedError(f"{folder / CONFIG_FILE} has an invalid model config ({e})") from None
     state = _read_weights(folder / WEIGHTS_FILE)
@@ -99,7 +125,6 @@ def load_pretrained(path: str | Path = "default", device: torch.device | str = "
         raise PretrainedError(f"{folder / WEIGHTS_FILE} does not fit the architecture in {CONFIG_FILE} "
                               f"(e.g. {names}); the weights belong to another model")
     model.load_state_dict(state)
-    model.config = cfg
     model.tokenizer_file = folder / cfg.tokenizer
     if not model.tokenizer_file.is_file():
         raise PretrainedError(f"{folder} lacks its tokenizer file {cfg.tokenizer}")

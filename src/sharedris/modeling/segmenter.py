@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import NamedTuple
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sharedris.modeling.beit3 import BEiT3
+from sharedris.modeling.config import ModelConfig
 from sharedris.modeling.decoder import MaskDecoder
 from sharedris.modeling.fpn import SharedFPN
+
+
+class SegmenterOutput(NamedTuple):
+    """What :class:`SharedRIS` returns, in training and evaluation alike (a tuple, so it exports).
+
+    mask_logits: (B, 1, H, W) mask logits at the input size; logit > 0 (probability > 0.5) is the mask.
+    """
+
+    mask_logits: Tensor
 
 
 class SharedRIS(nn.Module):
@@ -18,24 +31,26 @@ class SharedRIS(nn.Module):
             tell pretrained parameters (``encoder.*``) from new ones.
         fpn: Shared FPN built for ``encoder``'s width.
         decoder: mask decoder of the FPN's width.
-        taps: the four encoder blocks (1-based) whose hidden states feed the FPN, shallow to deep.
+        config: the :class:`ModelConfig` the parts were built from (``config.taps``: the four
+            encoder blocks whose hidden states feed the FPN). It stays on the model as ``config``,
+            with the preprocessing its weights expect.
+
+    ``tokenizer_file`` is the SentencePiece file that came with loaded weights (None for a model
+    built from a config: the predictor then uses the bundled tokenizer of ``config.tokenizer``).
 
     Encoder parts that this model never runs (the final norm, which the taps precede, and any block
     after the deepest tap) are frozen: they stay in the state dict for checkpoint compatibility, but
     trainable parameters without gradients would break DDP without ``find_unused_parameters``.
     """
 
-    def __init__(self, encoder: BEiT3, fpn: SharedFPN, decoder: MaskDecoder, taps: tuple[int, ...]) -> None:
+    def __init__(self, encoder: BEiT3, fpn: SharedFPN, decoder: MaskDecoder, config: ModelConfig) -> None:
         super().__init__()
-        if len(taps) != 4:
-            raise ValueError(f"SharedRIS needs 4 encoder taps (one per pyramid level), got {tuple(taps)}")
-        if fpn.cfg.width != decoder.cfg.width:
-            raise ValueError(f"FPN width {fpn.cfg.width} differs from decoder width {decoder.cfg.width}; "
-                             "set both to the same value")
+        self.config = config
+        self.tokenizer_file: Path | None = None
         self.encoder = encoder
         self.fpn = fpn
         self.decoder = decoder
-        self.taps = tuple(taps)
+        self.taps = tuple(config.taps)
         encoder.norm.requires_grad_(False)
         encoder.blocks[max(self.taps):].requires_grad_(False)
 
@@ -44,7 +59,7 @@ class SharedRIS(nn.Module):
         return ({f"encoder.{n}" for n in self.encoder.no_weight_decay()}
                 | {f"decoder.{n}" for n in self.decoder.no_weight_decay()})
 
-    def forward(self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> SegmenterOutput:
         """Predict mask logits.
 
         Args:
@@ -52,9 +67,9 @@ class SharedRIS(nn.Module):
             text_ids: (B, L) token ids.
             text_padding_mask: (B, L) bool, True = padding; or None when nothing is padded.
         Returns:
-            (B, 1, H, W) mask logits (sigmoid > 0.5 is the mask), in training and evaluation alike.
+            :class:`SegmenterOutput` with ``mask_logits`` (B, 1, H, W), in training and evaluation alike.
         """
         taps = self.encoder.forward_intermediates(image, text_ids, text_padding_mask, self.taps)
         feats = self.fpn(taps, text_padding_mask, self.encoder.cfg.grid_size, image)
         logits = self.decoder(feats.pixel, feats.mid, feats.text, text_padding_mask)  # (B, 1, 4g or 8g, same)
-        return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return SegmenterOutput(F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False))
