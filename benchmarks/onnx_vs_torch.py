@@ -60,7 +60,7 @@ def main() -> None:
             times = median_seconds({"torch": lambda: model(image, ids, pad),
                                     "ort": lambda: session.run(None, feeds)}, runs=args.runs)
             with torch.inference_mode():
-                diff = float(np.abs(session.run(None, feeds)[0] - model(image, ids, pad).numpy()).max())
+                diff = float(np.abs(session.run(None, feeds)[0] - model(image, ids, pad).mask_logits.numpy()).max())
             print(f"{batch:>5} {times['torch'] * 1000:8.1f}ms {times['ort'] * 1000:10.1f}ms "
                   f"x{times['torch'] / times['ort']:7.2f} {diff:10.1e}")
 

@@ -17,10 +17,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from sharedris import load_pretrained
+from sharedris import Predictor, load_pretrained
 from sharedris.data.synthetic import SyntheticRefScenes
-from sharedris.data.transforms import image_to_tensor
-from sharedris.text import Tokenizer
 
 
 def main() -> None:
@@ -30,16 +28,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_pretrained(args.model).float().eval()
-    cfg = model.config
-    tokenizer = Tokenizer(model.tokenizer_file, max_len=cfg.text_len)
-    scenes = SyntheticRefScenes("val", size=cfg.image_size, length=args.scenes, families=("relation",))
+    predictor = Predictor(load_pretrained(args.model))
+    scenes = SyntheticRefScenes("val", size=predictor.config.image_size, length=args.scenes, families=("relation",))
     rows: dict[str, list[tuple[float, ...]]] = defaultdict(list)
     with torch.inference_mode():
         for sample in (scenes[i] for i in range(len(scenes))):
-            ids, pad = tokenizer([sample["text"]])
-            x = image_to_tensor(sample["image"], cfg.image_size, cfg.mean, cfg.std)[None]
-            pred = (model(x, ids, pad)[0, 0] > 0).numpy()
+            pred = predictor.predict(sample["image"], sample["text"]).masks[0]
             labels, target = sample["labels"], sample["target"]
             shape = sample["objects"][target]["shape"]
             others = [k for k, o in enumerate(sample["objects"]) if o["shape"] == shape and k != target]

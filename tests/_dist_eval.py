@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from sharedris.data.datasets import RISSamples
 from sharedris.data.synthetic import SyntheticRefScenes
 from sharedris.evaluate import evaluate
-from sharedris.modeling.pretrained import resolve_tokenizer
+from sharedris.modeling.config import ModelConfig
 from sharedris.modeling.registry import build_model, model_config
-from sharedris.text import Tokenizer
+from sharedris.modeling.segmenter import SegmenterOutput
 
 NUM_SAMPLES = 13  # odd: the two ranks' shards differ in size
 
@@ -31,8 +31,9 @@ class PartialOracle(nn.Module):
     Images are recognised by their bytes, so it works on any shard of the samples.
     """
 
-    def __init__(self, samples: RISSamples) -> None:
+    def __init__(self, samples: RISSamples, config: ModelConfig) -> None:
         super().__init__()
+        self.config, self.tokenizer_file = config, None
         self.logits: dict[bytes, Tensor] = {}
         for i in range(len(samples)):
             item = samples[i]
@@ -42,8 +43,8 @@ class PartialOracle(nn.Module):
             mask[erased] = False
             self.logits[item["image"].numpy().tobytes()] = torch.where(mask, 10.0, -10.0)[None]  # (1, S, S)
 
-    def forward(self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> Tensor:
-        return torch.stack([self.logits[im.numpy().tobytes()] for im in image])  # (B, 1, S, S)
+    def forward(self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> SegmenterOutput:
+        return SegmenterOutput(torch.stack([self.logits[im.numpy().tobytes()] for im in image]))  # (B, 1, S, S)
 
 
 def evaluate_fixed_models() -> dict[str, Any]:
@@ -51,13 +52,11 @@ def evaluate_fixed_models() -> dict[str, Any]:
     cfg = model_config("sharedris_tiny", **TINY_MODEL)
     torch.manual_seed(0)
     model = build_model(cfg)
-    tokenizer = Tokenizer(resolve_tokenizer(cfg), max_len=cfg.text_len)
     source = SyntheticRefScenes("val", size=cfg.image_size, length=NUM_SAMPLES, seed=0)
-    oracle = PartialOracle(RISSamples(source, cfg.image_size, cfg.mean, cfg.std))
+    oracle = PartialOracle(RISSamples(source, cfg.image_size, cfg.mean, cfg.std), cfg)
     # batch_size 1: each sample's logits are then computed the same way on every rank and in the
     # reference, so the comparison tests the sharding and the reduction, not float kernels.
-    return {name: evaluate(m, source, tokenizer, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
-                           batch_size=1, groups=source.families, progress=False)
+    return {name: evaluate(m, source, batch_size=1, progress=False)
             for name, m in (("tiny_model", model), ("oracle", oracle))}
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sharedris.modeling.pretrained import resolve_tokenizer, save_pretrained
+from sharedris.modeling.pretrained import save_pretrained
 from sharedris.modeling.registry import build_model, model_config
 
 TINY_MODEL = {
@@ -17,7 +17,7 @@ TINY_MODEL = {
     "image_size": 64,
     "taps": (1, 1, 2, 2),
     "fpn": {"width": 16, "num_heads": 1, "fine_width": 8},
-    "decoder": {"width": 16, "num_heads": 1, "depth": 1},
+    "decoder": {"num_heads": 1, "depth": 1},
 }
 
 
@@ -25,7 +25,7 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
     """Write a tiny checkpoint folder (config.json, model.safetensors, tiny.spm) and return it."""
     cfg = model_config("sharedris_tiny", **TINY_MODEL)
     torch.manual_seed(seed)
-    return save_pretrained(build_model(cfg), cfg, folder, resolve_tokenizer(cfg))
+    return save_pretrained(build_model(cfg), folder)
 
 
 def scene(width: int, height: int, seed: int = 0) -> Image.Image:

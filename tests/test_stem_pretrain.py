@@ -6,9 +6,9 @@ import torch
 from _tiny_model import TINY_MODEL
 from PIL import Image
 
-from sharedris.config import StemPretrainConfig
 from sharedris.data.synthetic import SHAPES, SyntheticRefScenes
 from sharedris.modeling.registry import build_model, model_config
+from sharedris.train.config import StemPretrainConfig
 from sharedris.train.stem import object_batch, pretrain_stem
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

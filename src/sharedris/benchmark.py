@@ -152,7 +152,7 @@ def bench_training(steps: int = 10, batch: int = 16, threads: int = 2, name: str
     target = (torch.rand(batch, 1, cfg.image_size, cfg.image_size) > 0.8).float()
 
     def step() -> None:
-        segmentation_loss(model(image, ids, pad), target)["loss"].backward()
+        segmentation_loss(model(image, ids, pad).mask_logits, target)["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

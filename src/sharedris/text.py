@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+MAX_TEXT_CHARS = 1000  # longer input is cut before tokenizing: the model reads at most text_len tokens anyway
 _SPM_UNK = 0  # the unknown piece of an XLM-R style SentencePiece model
 
 
@@ -68,9 +69,30 @@ class Tokenizer:
                 raise TypeError(f"text {i} is a {type(t).__name__} ({t!r}), expected a str")
         ids = torch.full((len(texts), self.max_len), PAD_ID, dtype=torch.long)
         for row, t in enumerate(texts):
-            enc = self.encode(t)
+            enc = self.encode(t[:MAX_TEXT_CHARS])
             ids[row, : len(enc)] = torch.tensor(enc, dtype=torch.long)
         return ids, ids == PAD_ID
+
+
+def validate_texts(texts: str | Sequence[str], max_chars: int | None = None) -> list[str]:
+    """The expressions as a list, or a ValueError/TypeError with one sentence naming the bad one.
+
+    A single string is one expression. Each must be a non-empty string (an empty expression refers
+    to nothing, and a mask for it would be noise) of at most ``max_chars`` characters when given.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ValueError("give at least one expression")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"text {i + 1} is a {type(t).__name__} ({t!r}), expected a str")
+        if not t.strip():
+            raise ValueError(f"expression {i + 1} is empty; give a phrase such as 'the man on the left'")
+        if max_chars is not None and len(t) > max_chars:
+            raise ValueError(f"expression {i + 1} has {len(t):,} characters; the limit is {max_chars:,}")
+    return texts
 
 
 def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int) -> Path:

@@ -14,16 +14,19 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
-from tqdm import tqdm
 
 from sharedris.checkpoint import atomic_write, load_resume_state, save_resume_state
-from sharedris.config import TrainConfig, to_dict
-from sharedris.data.datasets import RISSamples, build_source, collate
-from sharedris.evaluate import autocast_context, evaluate
+from sharedris.config import to_dict
+from sharedris.data.datasets import RISSamples, collate
+from sharedris.data.registry import build_source
+from sharedris.evaluate import evaluate
 from sharedris.losses import segmentation_loss
 from sharedris.modeling.pretrained import resolve_tokenizer, save_pretrained
 from sharedris.modeling.registry import build_model, model_config
+from sharedris.precision import autocast_context, training_amp_dtype
+from sharedris.progress import progress, write
 from sharedris.text import Tokenizer
+from sharedris.train.config import TrainConfig
 from sharedris.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from sharedris.train.optim import build_optimizer, build_scheduler
 from sharedris.train.stem import pretrain_stem
@@ -65,14 +68,6 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 yield mine[m * self.micro:(m + 1) * self.micro]
 
 
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp != "none" and device.type == "cpu":
-        raise ValueError(f"amp={amp} needs a GPU; on CPU use amp=none (this CPU has no fast bf16)")
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -110,14 +105,16 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
                          f"grad_accum {cfg.grad_accum}")
     if cfg.data.val_split.lower().startswith("test"):
         raise ValueError(f"data.val_split={cfg.data.val_split!r}: checkpoints are never selected on a test split")
-    amp_dtype = _amp_dtype(cfg.amp, info.device)
+    amp_dtype = training_amp_dtype(cfg.amp, info.device)
 
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    mcfg = model_config(cfg.model, **_model_overrides(cfg))
-    model = build_model(mcfg, encoder_weights=cfg.encoder_weights).to(info.device)
+    mcfg = model_config(cfg.model, **cfg.model_overrides)
+    model = build_model(mcfg, encoder_weights=cfg.encoder_weights, drop_path_rate=cfg.drop_path).to(info.device)
+    model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     tokenizer_file = resolve_tokenizer(mcfg, cfg.tokenizer)
+    model.tokenizer_file = tokenizer_file
     tokenizer = Tokenizer(tokenizer_file, max_len=mcfg.text_len)
     if tokenizer.vocab_size > mcfg.encoder.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_file} emits {tokenizer.vocab_size} ids but the model's "
@@ -165,7 +162,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
             if summary is not None:
                 atomic_write(out / "stem_pretrain.json", lambda p: p.write_text(json.dumps(summary)))
 
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not info.is_main, dynamic_ncols=True)
+    bar = progress(total=total_steps, initial=step, desc="train", disable=not info.is_main, dynamic_ncols=True)
     log_file = (out / "log.jsonl").open("a") if info.is_main else None
     loader_gen = torch.Generator()  # DataLoader base seeds must not draw from the global RNG
     start = time.perf_counter() - elapsed  # wall time of the whole run, across resumes
@@ -189,8 +186,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
             ctx = ddp.no_sync() if info.world > 1 and not sync else contextlib.nullcontext()
             with ctx:
                 with autocast_context(info.device, amp_dtype):
-                    logits = ddp(image, ids.to(info.device), pad.to(info.device))  # (b, 1, S, S)
-                losses = segmentation_loss(logits, target, cfg.loss.bce_weight, cfg.loss.dice_weight)
+                    output = ddp(image, ids.to(info.device), pad.to(info.device))
+                losses = segmentation_loss(output.mask_logits, target, cfg.loss.bce_weight, cfg.loss.dice_weight)
                 scaler.scale(losses["loss"] / cfg.grad_accum).backward()
             window += torch.stack([losses["loss"], losses["bce"], losses["dice"]]).detach()
             micro += 1
@@ -224,8 +221,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
             if step % steps_per_epoch == 0:
                 epoch_done = step // steps_per_epoch
                 if epoch_done % cfg.eval_every == 0 or step == total_steps:
-                    best = _validate(cfg, mcfg, model, val_source, tokenizer, tokenizer_file, info, amp_dtype,
-                                     epoch_done, step, best, out)
+                    best = _validate(cfg, model, val_source, tokenizer, info, amp_dtype, epoch_done, step, best, out)
             if step % steps_per_epoch == 0 or step % cfg.checkpoint_every == 0:
                 _save_resume(cfg, model, optimizer, scheduler, scaler, step, best, time.perf_counter() - start,
                              info, out)
@@ -233,7 +229,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
     if log_file:
         log_file.close()
     if info.is_main:
-        save_pretrained(model, mcfg, out / "final", tokenizer_file)
+        save_pretrained(model, out / "final")
     return out
 
 
@@ -251,27 +247,22 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write(path, lambda p: p.write_text("".join(kept)))
 
 
-def _model_overrides(cfg: TrainConfig) -> dict[str, Any]:
-    overrides = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.model_overrides.items()}
-    encoder = overrides.setdefault("encoder", {})
-    encoder.setdefault("drop_path_rate", cfg.drop_path)
-    encoder.setdefault("grad_checkpointing", cfg.grad_checkpointing)
-    return overrides
+def _validate(cfg: TrainConfig, model, val_source, tokenizer, info: DistInfo, amp_dtype, epoch: int, step: int,
+              best: float, out: Path) -> float:
+    """Evaluate on the val split on all ranks; rank 0 writes the metrics and keeps ``best/``.
 
-
-def _validate(cfg: TrainConfig, mcfg, model, val_source, tokenizer, tokenizer_file, info: DistInfo,
-              amp_dtype, epoch: int, step: int, best: float, out: Path) -> float:
-    """Evaluate on the val split on all ranks; rank 0 writes the metrics and keeps ``best/``."""
-    result = evaluate(model, val_source, tokenizer, image_size=mcfg.image_size, mean=mcfg.mean, std=mcfg.std,
-                      device=info.device, batch_size=max(1, cfg.batch_size // (info.world * cfg.grad_accum)),
-                      amp_dtype=amp_dtype, groups=getattr(val_source, "families", ()))
+    Validation runs at the training precision: bf16 when training autocasts to bf16, else fp32.
+    """
+    result = evaluate(model, val_source, tokenizer, device=info.device,
+                      precision="bf16" if amp_dtype == torch.bfloat16 else "fp32",
+                      batch_size=max(1, cfg.batch_size // (info.world * cfg.grad_accum)))
     result.update(epoch=epoch, step=step, split=cfg.data.val_split)
     if info.is_main:
         atomic_write(out / "metrics" / f"epoch_{epoch:03d}.json",
                      lambda p: p.write_text(json.dumps(result, indent=2)))
-        tqdm.write(f"epoch {epoch}: val oIoU {result['overall']['oIoU']:.4f} mIoU {result['overall']['mIoU']:.4f}")
+        write(f"epoch {epoch}: val oIoU {result['overall']['oIoU']:.4f} mIoU {result['overall']['mIoU']:.4f}")
         if result["overall"]["oIoU"] > best:
-            save_pretrained(model, mcfg, out / "best", tokenizer_file)
+            save_pretrained(model, out / "best")
     return max(best, result["overall"]["oIoU"])
 
 

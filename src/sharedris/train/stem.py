@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from sharedris.config import StemPretrainConfig
-from sharedris.data.datasets import Source
+from sharedris.progress import progress
+from sharedris.train.config import StemPretrainConfig
+from sharedris.data.sample import Source
 from sharedris.data.transforms import image_to_tensor
 
 
@@ -71,7 +71,7 @@ def pretrain_stem(stem: nn.Module, source: Source, cfg: StemPretrainConfig, *, i
         head = nn.Linear(channels, len(classes)).to(device)
         optimizer = torch.optim.AdamW([*stem.parameters(), *head.parameters()], lr=cfg.lr)
         stem.train()
-        for step in tqdm(range(1, cfg.steps + 1), desc="stem", disable=not show_progress, dynamic_ncols=True):
+        for step in progress(range(1, cfg.steps + 1), desc="stem", disable=not show_progress, dynamic_ncols=True):
             first = step * cfg.scenes_per_step  # step s reads scenes s*n ... s*n + n - 1 (cycling)
             indices = [(first + i) % len(source) for i in range(cfg.scenes_per_step)]
             images, cells, labels = object_batch(source, indices, image_size, mean, std, grid)

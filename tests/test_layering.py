@@ -1,0 +1,84 @@
+"""The layering holds: imports point down only, and no two parts of the package import each other.
+
+Every ``sharedris`` import in ``src/`` is read with ``ast`` (lazy imports inside functions count
+too), and each module is mapped to its part: a subpackage (``modeling``, ``data``, ``train``,
+``serve``) or a top-level module.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import sharedris
+
+SRC = Path(sharedris.__file__).parent
+BOTTOM = {"config", "checkpoint", "progress", "devices"}  # import nothing else of sharedris
+# What each lower part may import besides itself; parts not listed (cli, serve, predictor, ...) may
+# import anything, as long as no cycle forms.
+ALLOWED = {
+    **{part: set() for part in BOTTOM},
+    "modeling": {"config", "checkpoint"},
+    "data": {"progress"},
+    "text": set(),
+    "metrics": set(),
+    "losses": set(),
+    "precision": set(),
+}
+
+
+def _part(module: str) -> str:
+    """``sharedris.modeling.fpn`` -> ``modeling``; ``sharedris.text`` -> ``text``."""
+    return module.split(".")[1] if module.count(".") else "__init__"
+
+
+def _imports() -> dict[str, set[tuple[str, str]]]:
+    """part -> {(importing file, imported sharedris module)}."""
+    found: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        module = ".".join(rel.parts).removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                if name.startswith("sharedris.") and _is_module(name):
+                    found[_part(module)].add((str(rel), name))
+    return found
+
+
+def _is_module(name: str) -> bool:
+    path = SRC.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def test_lower_layers_import_only_what_is_below_them():
+    wrong = [f"{file} imports {name}" for part, edges in _imports().items() if part in ALLOWED
+             for file, name in sorted(edges) if _part(name) not in ALLOWED[part] | {part}]
+    assert wrong == []
+
+
+def test_data_never_imports_the_config_module():
+    assert not [f for f, name in _imports()["data"] if name == "sharedris.config"]
+
+
+def test_no_import_cycle_between_parts():
+    graph = {part: {_part(name) for _, name in edges} - {part} for part, edges in _imports().items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack + [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, stack + [node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    cycles = [c for part in sorted(graph) if part not in state and (c := visit(part, []))]
+    assert cycles == []
