@@ -59,13 +59,19 @@ def test_predict_writes_pngs_at_the_displayed_size_after_exif_rotation(tmp_path,
         np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), np.asarray(mask_png) > 127)
 
 
-def test_predict_prints_one_line_per_expression_without_json(tmp_path, model_dir):
+def test_predict_prints_one_line_per_expression_naming_every_file_written(tmp_path, model_dir):
     scene(30, 20).save(tmp_path / "a.png")
-    result = _predict("a.png", "-t", "the 🐱 on the left 👈", "-t", "左边的红色盒子", "-t", "word " * 2000,
-                      "--model", str(model_dir), cwd=tmp_path)
+    texts = ["the purple diamond", "The purple diamond!", "the 🐱 on the left 👈", "左边的红色盒子", "🐱", "word " * 2000]
+    result = _predict("a.png", *[a for t in texts for a in ("-t", t)], "--model", str(model_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.strip().splitlines()) == 3
-    assert len(list((tmp_path / "predictions").glob("a_*_overlay.png"))) == 3
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(texts)
+    written = sorted(p.name for p in (tmp_path / "predictions").iterdir())
+    slugs = ["the-purple-diamond", "the-purple-diamond-2", "the-on-the-left", "左边的红色盒子", "expression",
+             "word-" * 11 + "word"]
+    assert written == sorted(f"a__{s}_{kind}.png" for s in slugs for kind in ("mask", "overlay"))
+    for line, slug in zip(lines, slugs):
+        assert line.endswith(f"predictions/a__{slug}_mask.png, predictions/a__{slug}_overlay.png"), line
 
 
 def _malicious_pickle(marker) -> bytes:

@@ -6,18 +6,86 @@ Errors a user can cause surface as one sentence on stderr and exit code 2, never
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
+import socket
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from sharedris.devices import DEVICE_HELP, resolve_device
+from sharedris.precision import PRECISIONS
+
+PRECISION_HELP = ("numeric precision: auto = bf16 where the hardware runs it fast (CUDA GPUs with bf16, CPUs "
+                  "with AMX or AVX-512-BF16), else fp32; int8 = dynamic int8 linear layers (CPU only)")
+
 
 class UserError(Exception):
     """A problem with the user's input; printed as one line, exit code 2."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, or an off flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def iter_parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """``parser`` and every subcommand parser below it, with its full name ("sharedris bench model")."""
+    yield parser.prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                yield from iter_parsers(child)
+
+
+def _out_dir(path: str) -> Path:
+    """The output folder ``path``, created now, so that a bad path fails before any model work."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {out} is a file, not a folder; pass a folder with -o")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {out} ({(e.strerror or str(e)).lower()})") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"output folder {out} is not writable; pass another folder with -o")
+    return out
+
+
+def _slugs(texts: Sequence[str], max_chars: int = 60) -> list[str]:
+    """File-name-safe, unique slugs of ``texts``: "the purple diamond" -> "the-purple-diamond"."""
+    slugs: list[str] = []
+    for text in texts:
+        base = re.sub(r"[\W_]+", "-", text.lower()).strip("-")[:max_chars].strip("-") or "expression"
+        slug, n = base, 2
+        while slug in slugs:  # two phrases that differ only in punctuation or case, or repeats
+            slug, n = f"{base}-{n}", n + 1
+        slugs.append(slug)
+    return slugs
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail with one sentence unless ``host:port`` can be bound now (uvicorn binds it later)."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"port {port} is out of range; use a port from 0 to 65535")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as e:
+        reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({(e.strerror or str(e)).lower()})"
+        raise UserError(f"{host}:{port} {reason}; pick another --port or --host") from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -65,11 +133,14 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from sharedris.config import load_train_config
+    from sharedris.train.config import load_train_config
     from sharedris.train.loop import train
 
+    device = None if args.device is None else resolve_device(args.device)
+    if device is not None and device.index is not None:
+        raise UserError(f"train places each rank on cuda:LOCAL_RANK; pass --device {device.type}, not {args.device}")
     cfg = load_train_config(args.config, args.overrides)
-    out = train(cfg, resume=args.resume, device=args.device)
+    out = train(cfg, resume=args.resume, device=None if device is None else device.type)
     if os.environ.get("RANK", "0") == "0":
         print(f"run folder: {out}")
 
@@ -80,65 +151,70 @@ def _load_model(name: str, device: str):
     return load_pretrained(name, device=device)
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
-    from pathlib import Path
+def _log_precision(asked: str, chosen: str, device) -> None:
+    """One line on stderr saying which precision runs (``auto`` resolves per machine)."""
+    how = f"auto -> {chosen}" if asked == "auto" else chosen
+    print(f"precision: {how} on {device}", file=sys.stderr)
 
+
+def _cmd_predict(args: argparse.Namespace) -> None:
     from sharedris.data.images import load_image
     from sharedris.predictor import Predictor
     from sharedris.render import encode_rle, overlay
 
+    device = resolve_device(args.device)
     image = load_image(args.image)
-    pred = Predictor(_load_model(args.model, args.device), device=args.device).predict(image, args.text)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_dir(args.out_dir)
+    predictor = Predictor(_load_model(args.model, device), device=device, precision=args.precision)
+    _log_precision(args.precision, predictor.precision, device)
+    pred = predictor.predict(image, args.text)
     stem = Path(args.image).stem
     results = []
-    for i, (text, mask, score) in enumerate(zip(args.text, pred.masks, pred.scores)):
-        mask_path, overlay_path = out / f"{stem}_{i}_mask.png", out / f"{stem}_{i}_overlay.png"
+    for text, slug, mask, score in zip(args.text, _slugs(args.text), pred.masks, pred.scores):
+        mask_path, overlay_path = out / f"{stem}__{slug}_mask.png", out / f"{stem}__{slug}_overlay.png"
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        overlay(image, mask, text).save(overlay_path)
+        overlay(image, mask, text, score=float(score)).save(overlay_path)
         results.append({"text": text, "score": round(float(score), 4), "mask_png": str(mask_path),
                         "overlay_png": str(overlay_path), "rle": encode_rle(mask)})
     if args.json:
         print(json.dumps({"image": args.image, "height": image.height, "width": image.width, "results": results}))
     else:
         for r in results:
-            print(f"{r['score']:.3f}  {r['text']!r} -> {r['overlay_png']}")
+            print(f"{r['score']:.3f}  {r['text']!r} -> {r['mask_png']}, {r['overlay_png']}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from sharedris.config import DataConfig
-    from sharedris.data.datasets import build_source
+    from sharedris.data.config import DataConfig
+    from sharedris.data.registry import build_source
     from sharedris.evaluate import evaluate
     from sharedris.metrics import format_table
-    from sharedris.text import Tokenizer
 
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, device)
     cfg = model.config
-    tokenizer = Tokenizer(model.tokenizer_file, max_len=cfg.text_len)
     data = DataConfig(dataset=args.dataset, root=args.root, split_by=args.split_by,
                       synthetic_image_size=args.synthetic_image_size or cfg.image_size,
                       synthetic_eval_size=args.num_samples, seed=args.seed)
     rows, report = {}, {}
     for split in args.split:
         source = build_source(data, split, train=False)
-        res = evaluate(model, source, tokenizer, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
-                       device=args.device, batch_size=args.batch_size, protocol=args.protocol,
-                       groups=getattr(source, "families", ()), num_workers=args.workers)
+        res = evaluate(model, source, device=device, precision=args.precision, batch_size=args.batch_size,
+                       protocol=args.protocol, num_workers=args.workers)
         report[split] = res
         rows[split] = res["overall"]
         rows.update({f"{split}/{g}": m for g, m in res["groups"].items()})
-    print(f"model {args.model}, dataset {args.dataset}, protocol {args.protocol}")
+    print(f"model {args.model}, dataset {args.dataset}, protocol {args.protocol}, precision {res['precision']}")
     print(format_table(rows))
     if args.out:
         Path(args.out).write_text(json.dumps(report if len(report) > 1 else next(iter(report.values())), indent=2))
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
     try:
         import uvicorn
 
@@ -148,7 +224,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                     max_texts=args.max_texts, max_text_chars=args.max_text_chars)
-    app = create_app(args.model, limits=limits, device=args.device)
+    _check_port(args.host, args.port)
+    app = create_app(args.model, limits=limits, device=device, precision=args.precision)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
@@ -180,39 +257,75 @@ def _cmd_data_tokenizer(args: argparse.Namespace) -> None:
     print(f"wrote {train_tokenizer(texts, args.out, args.vocab_size)} from {len(texts)} expressions")
 
 
+def _cmd_fetch_weights(args: argparse.Namespace) -> None:
+    from sharedris.fetch import cache_dir, fetch_weights
+
+    weights, tokenizer = fetch_weights(args.model, cache_dir(args.dir), args.url or ())
+    print(f"weights:   {weights}\ntokenizer: {tokenizer}")
+    print("train with them (see docs/real-photos.md):\n"
+          f"  torchrun --nproc_per_node=N -m sharedris train --config configs/refcoco_{args.model.split('_')[-1]}.yaml "
+          f"encoder_weights={weights} tokenizer={tokenizer} data.root=DATA_ROOT")
+
+
+def _cmd_fetch_data(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from sharedris.fetch import fetch_data
+
+    root = Path(args.root)
+    missing = fetch_data(args.dataset, root, args.url or (), skip_images=args.skip_images, keep_archives=args.keep_archives)
+    if missing:
+        raise UserError(f"{', '.join(missing)} missing" + (" (see the manual step above)" if args.dataset == "grefcoco"
+                                                          else ""))
+    if not (root / "images" / "train2014").is_dir():
+        print(f"annotations ready in {root / args.dataset}; images/train2014 not fetched (--skip-images)")
+    elif args.dataset == "grefcoco":
+        print(f"ok: {root} holds the gRefCOCO files and images/train2014 (their content is not checked yet)")
+    else:  # the same check as `sharedris data check`, with its defaults
+        check = build_parser().parse_args(["data", "check", "--root", str(root), "--dataset", args.dataset])
+        check.func(check)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from sharedris import __version__
+    from sharedris.data.registry import DATASETS
+
     parser = argparse.ArgumentParser(prog="sharedris", description="Single-encoder referring image segmentation.")
+    parser.add_argument("--version", action="version", version=f"sharedris {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="measure speed")
     bench_sub = bench.add_subparsers(dest="what", required=True)
     enc = bench_sub.add_parser("encoder", help="time the BEiT-3 encoder (optionally against torchscale)")
-    enc.add_argument("--model", choices=["tiny", "base", "large"], default="base")
-    enc.add_argument("--sizes", type=_int_list, default=[224, 480], help="image sizes, e.g. 224,480")
-    enc.add_argument("--runs", type=int, default=5)
-    enc.add_argument("--batch", type=int, default=1)
-    enc.add_argument("--text-len", type=int, default=20)
-    enc.add_argument("--threads", type=int, default=2)
+    enc.add_argument("--model", choices=["tiny", "base", "large"], default="base", help="BEiT-3 encoder size")
+    enc.add_argument("--sizes", type=_int_list, default="224,480", help="image sizes, comma-separated")
+    enc.add_argument("--runs", type=int, default=5, help="timed runs per size (the median is reported)")
+    enc.add_argument("--batch", type=int, default=1, help="images per forward pass")
+    enc.add_argument("--text-len", type=int, default=20, help="text tokens per image")
+    enc.add_argument("--threads", type=int, default=2, help="torch threads")
     enc.add_argument("--reference", action="store_true",
                      help="also time torchscale's BEiT3 on identical weights (test extra)")
     enc.add_argument("--json", action="store_true", help="also print the rows as JSON")
     enc.set_defaults(func=_cmd_bench)
     bm = bench_sub.add_parser("model", help="size, GFLOPs, latency, throughput, memory per registered model")
     bm.add_argument("--models", type=lambda s: [x for x in s.split(",") if x],
-                    default=["sharedris_tiny", "sharedris_base", "sharedris_large"])
-    bm.add_argument("--runs", type=int, default=3)
+                    default="sharedris_tiny,sharedris_base,sharedris_large",
+                    help="comma-separated registered model names (randomly initialised)")
+    bm.add_argument("--runs", type=int, default=3, help="timed runs per model (the median is reported)")
     bm.add_argument("--batch", type=int, default=8, help="batch size of the throughput measurement")
-    bm.add_argument("--threads", type=int, default=2)
+    bm.add_argument("--threads", type=int, default=2, help="torch threads")
     bm.add_argument("--train-steps", type=int, default=10, help="steps of the tiny training measurement (0 = skip)")
-    bm.add_argument("--json", action="store_true")
+    bm.add_argument("--json", action="store_true", help="also print the rows as JSON")
     bm.set_defaults(func=_cmd_bench_model)
 
     tr = sub.add_parser("train", help="train a model (one process, or one rank under torchrun)",
-                        description="Train. Defaults come from sharedris.config.TrainConfig, then the YAML "
+                        description="Train. Defaults come from sharedris.train.config.TrainConfig, then the YAML "
                                     "file, then key.sub=value overrides. Under torchrun every rank runs this.")
     tr.add_argument("--config", help="YAML file of config deltas (see configs/)")
     tr.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt if it exists")
-    tr.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    tr.add_argument("--device", default=None,
+                    help="cpu or cuda (each rank takes cuda:LOCAL_RANK); default: cuda when available")
     tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=1e-4 epochs=3")
     tr.set_defaults(func=_cmd_train)
 
@@ -221,26 +334,31 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-t", "--text", action="append", required=True, help="an expression; repeat for more")
     pr.add_argument("-o", "--out-dir", default="predictions", help="where to write mask and overlay PNGs")
     pr.add_argument("--model", default="default", help="'default' or a checkpoint folder")
-    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    pr.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     pr.add_argument("--json", action="store_true", help="print results (COCO RLE masks, scores) as JSON")
     pr.set_defaults(func=_cmd_predict)
 
     ev = sub.add_parser("eval", help="oIoU / mIoU / Prec@X on a dataset split")
     ev.add_argument("--model", default="default", help="'default' or a checkpoint folder")
-    ev.add_argument("--dataset", default="synthetic")
-    ev.add_argument("--split", type=lambda s: [x for x in s.split(",") if x], default=["test"],
+    ev.add_argument("--dataset", choices=list(DATASETS), default="synthetic",
+                    help="synthetic scenes, or a refer-format dataset under --root")
+    ev.add_argument("--split", type=lambda s: [x for x in s.split(",") if x], default="test",
                     help="comma-separated splits, e.g. val,testA,testB")
     ev.add_argument("--root", default=None, help="refer-format data root (or $SHAREDRIS_DATA)")
-    ev.add_argument("--split-by", default=None)
+    ev.add_argument("--split-by", default=None, help="refer annotation split: unc, umd or google "
+                                                       "(default: the dataset's usual one)")
     ev.add_argument("--protocol", choices=["original", "resized"], default="original",
                     help="score at each image's original size, or LAVT's 480x480")
     ev.add_argument("--num-samples", type=int, default=1000, help="synthetic: samples per split")
     ev.add_argument("--synthetic-image-size", type=int, default=None, help="synthetic: scene size (default: model size)")
     ev.add_argument("--seed", type=int, default=0, help="synthetic: dataset seed")
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--workers", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    ev.add_argument("--workers", type=int, default=0, help="data loader worker processes (0 = load in this one)")
     ev.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    ev.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help=PRECISION_HELP + "; fp32 by default so that scores are reproducible everywhere")
     ev.add_argument("--out", default=None, help="write the metrics as JSON here")
     ev.set_defaults(func=_cmd_eval)
 
@@ -256,14 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("-o", "--out", required=True, help="output .spm file")
     dt.add_argument("--vocab-size", type=int, default=511, help="pieces (ids = pieces + 1)")
     dt.add_argument("--scenes", type=int, default=3000, help="synthetic training scenes to read expressions from")
-    dt.add_argument("--seed", type=int, default=0)
+    dt.add_argument("--seed", type=int, default=0, help="synthetic dataset seed")
     dt.set_defaults(func=_cmd_data_tokenizer)
 
     sv = sub.add_parser("serve", help="HTTP API (POST /v1/segment, GET /healthz) and a demo page at /")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     sv.add_argument("--model", default="default", help="'default' or a checkpoint folder")
-    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    sv.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file accepted")
     sv.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, width x height")
     sv.add_argument("--max-texts", type=int, default=16, help="most expressions per request")
@@ -277,6 +396,23 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("-o", "--out", default="model.onnx", help="the .onnx file to write")
     onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     onnx.set_defaults(func=_cmd_export_onnx)
+    fe = sub.add_parser("fetch", help="download official BEiT-3 weights or refer datasets")
+    fe_sub = fe.add_subparsers(dest="fetch_command", required=True)
+    url_help = "NAME=URL: download file NAME from URL instead (a mirror); repeatable"
+    fw = fe_sub.add_parser("weights", help="BEiT-3 checkpoint and beit3.spm tokenizer into a cache folder")
+    fw.add_argument("model", help="beit3_base or beit3_large")
+    fw.add_argument("--dir", default=None, help="cache folder (default: $SHAREDRIS_HOME or ~/.cache/sharedris)")
+    fw.add_argument("--url", action="append", metavar="NAME=URL", help=url_help)
+    fw.set_defaults(func=_cmd_fetch_weights)
+    fd = fe_sub.add_parser("data", help="refer annotations and COCO train2014 images, unpacked and checked")
+    fd.add_argument("dataset", help="refcoco, refcoco+, refcocog or grefcoco")
+    fd.add_argument("--root", required=True, help="data root: gets <dataset>/, images/train2014/ and downloads/")
+    fd.add_argument("--skip-images", action="store_true", help="fetch annotations only, not train2014.zip (13 GB)")
+    fd.add_argument("--keep-archives", action="store_true", help="keep the downloaded zips in <root>/downloads/")
+    fd.add_argument("--url", action="append", metavar="NAME=URL", help=url_help)
+    fd.set_defaults(func=_cmd_fetch_data)
+    for _, p in iter_parsers(parser):
+        p.formatter_class = _HelpFormatter
     return parser
 
 
@@ -285,6 +421,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except (UserError, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"sharedris {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, OSError, ValueError, ImportError) as e:
+        print(f"sharedris {args.command}: error: {_sentence(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _sentence(e: Exception) -> str:
+    """The one-line message of ``e``; an OS error from a system call is named by its path, not its errno."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror.lower()}"
+    return str(e)
