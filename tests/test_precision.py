@@ -135,8 +135,6 @@ def tiny():
 # may flip sign, so masks are compared by agreement, not equality.
 @pytest.mark.parametrize("precision, rel_tol", [("fp32", 0.0), ("bf16", 0.05), ("int8", 0.08)])
 def test_each_precision_runs_close_to_fp32_and_leaves_the_model_alone(tiny, precision, rel_tol) -> None:
-    if precision == "int8":
-        pytest.importorskip("torchao")
     model, inputs, ref = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
     run, dtype = P.prepare_model(model, precision, "cpu")
@@ -153,7 +151,7 @@ def test_each_precision_runs_close_to_fp32_and_leaves_the_model_alone(tiny, prec
 
 
 def test_int8_quantizes_the_linear_layers(tiny) -> None:
-    quantization = pytest.importorskip("torchao.quantization")
+    import torchao.quantization as quantization  # the dev extra installs it
     run, _ = P.prepare_model(tiny[0], "int8", "cpu")
     weights = [m.weight for m in run.modules() if isinstance(m, torch.nn.Linear)]
     assert weights and all(isinstance(w, quantization.Int8Tensor) for w in weights)
@@ -163,7 +161,7 @@ def test_int8_quantizes_the_linear_layers(tiny) -> None:
 
 def test_int8_without_torchao_says_how_to_install(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # makes the import fail
-    with pytest.raises(P.PrecisionError, match="pip install torchao"):
+    with pytest.raises(P.PrecisionError, match=r"pip install 'sharedris\[int8\]'"):
         P.prepare_model(torch.nn.Linear(2, 2), "int8", "cpu")
 
 

@@ -19,7 +19,7 @@ forward hook turns back into float32, so mask logits are float32 at every precis
 int8 uses torchao (``quantize_`` with ``Int8DynamicActivationInt8WeightConfig``), the maintained
 successor of ``torch.ao.quantization.quantize_dynamic``, which torch marks deprecated. torchao has no
 dependency on a particular torch wheel (its wheel metadata lists none), so it installs beside the CPU
-torch; it is optional (``pip install torchao``) and imported only when int8 is asked for.
+torch; it is optional (the ``int8`` extra: ``pip install 'sharedris[int8]'``) and imported only when int8 is asked for.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def _quantize_int8(model: nn.Module) -> None:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError:
         raise PrecisionError("precision int8 needs the torchao package; install it with "
-                             "`pip install torchao`") from None
+                             "`pip install 'sharedris[int8]'` (or `pip install torchao`)") from None
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)

@@ -9,6 +9,7 @@ Every error a client can cause comes back as ``{"error": "one sentence"}`` with 
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import time
 import warnings
@@ -177,7 +178,7 @@ def describe_model(model_dir: str | Path, image_size: int) -> dict[str, Any]:
 
 
 def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
-               device: str = "cpu") -> FastAPI:
+               device: str = "cpu", precision: str = "fp32") -> FastAPI:
     """The service for the model in ``model_dir`` (a checkpoint folder, or ``"default"``).
 
     The model is loaded here, once; a bad folder raises :class:`PretrainedError` before any
@@ -186,7 +187,8 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
     from sharedris import __version__
 
     limits = limits or Limits()
-    predictor = Predictor(load_pretrained(model_dir, device=device), device=device)
+    predictor = Predictor(load_pretrained(model_dir, device=device), device=device, precision=precision)
+    logging.getLogger("uvicorn.error").info("sharedris: precision %s on %s", predictor.precision, device)
     model_lock = threading.Lock()
     page, example = _static("index.html").decode("utf-8"), _static(EXAMPLE_IMAGE)
     about = describe_model(model_dir, predictor.config.image_size)
@@ -247,7 +249,7 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
         """Liveness, and which model answers."""
         cfg = predictor.config
         return {"status": "ok", "model": str(model_dir), "image_size": cfg.image_size,
-                "text_len": cfg.text_len, "limits": {"max_upload_bytes": limits.max_upload_bytes,
+                "text_len": cfg.text_len, "precision": predictor.precision, "limits": {"max_upload_bytes": limits.max_upload_bytes,
                                                      "max_pixels": limits.max_pixels,
                                                      "max_texts": limits.max_texts,
                                                      "max_text_chars": limits.max_text_chars}}
