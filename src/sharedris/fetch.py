@@ -44,7 +44,7 @@ REMOTES: dict[str, Remote] = {r.name: r for r in (
 
 WEIGHTS: dict[str, str] = {"beit3_base": "beit3_base_patch16_224.pth", "beit3_large": "beit3_large_patch16_224.pth"}
 TOKENIZER = "beit3.spm"
-DATASETS: tuple[str, ...] = (*SPLIT_BYS, "grefcoco")
+DATASETS: tuple[str, ...] = tuple(SPLIT_BYS)  # grefcoco included
 IMAGES = "train2014.zip"
 
 GREFCOCO_FILES: tuple[str, ...] = ("grefs(unc).json", "instances.json")

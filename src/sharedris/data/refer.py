@@ -1,17 +1,22 @@
-"""RefCOCO, RefCOCO+ and RefCOCOg in the refer format (docs/reference.md): one sample per sentence.
+"""RefCOCO, RefCOCO+, RefCOCOg and gRefCOCO in the refer format (docs/reference.md): one sample per sentence.
 
 Layout under ``root``::
 
     refcoco/   instances.json  refs(unc).p
     refcoco+/  instances.json  refs(unc).p
     refcocog/  instances.json  refs(umd).p  refs(google).p
+    grefcoco/  instances.json  grefs(unc).json  (or grefs(unc).p, tried first, as ReLA's loader does)
     images/train2014/COCO_train2014_%012d.jpg
 
 The index is built once from the annotation files and holds only what a sample needs (per sentence:
-image id, annotation id, text, ref id, sentence id; per used image: file name and size; per used
+image id, annotation ids, text, ref id, sentence id; per used image: file name and size; per used
 annotation: its segmentation). Images and masks are decoded lazily in ``__getitem__``.
 
-``refs(X).p`` files are pickles: they are read with an unpickler that refuses every global, so a
+A ref's ``ann_id`` is one id (RefCOCO family) or a list (gRefCOCO): several ids make the target
+the union of those annotations, crowd annotations left out (as ReLA does); ``[-1]`` means the
+expression refers to nothing (gRefCOCO's ``no_target``), so the mask is empty.
+
+``.p`` refs files are pickles: they are read with an unpickler that refuses every global, so a
 tampered file cannot run code. Image file names come from ``instances.json``: the refs' own
 ``file_name`` carries an extra ``_<ref>`` suffix and names no file.
 """
@@ -34,7 +39,14 @@ from pycocotools import mask as mask_utils
 from sharedris.data.images import ImageError, read_dataset_image
 from sharedris.data.sample import RefSample
 
-SPLIT_BYS: dict[str, tuple[str, ...]] = {"refcoco": ("unc",), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
+SPLIT_BYS: dict[str, tuple[str, ...]] = {
+    "refcoco": ("unc",), "refcoco+": ("unc",), "refcocog": ("umd", "google"), "grefcoco": ("unc",),
+}
+# Refs file names per dataset, in the order they are tried ({} is the split_by); default: REFS_FILE.
+REFS_FILE = "refs({}).p"
+REFS_FILES: dict[str, tuple[str, ...]] = {"grefcoco": ("grefs({}).p", "grefs({}).json")}
+NO_TARGET_ANN_ID = -1  # gRefCOCO's ann_id [-1]: the expression refers to no object
+_DATA_ROOT_FOLDERS = f"{', '.join(d + '/' for d in SPLIT_BYS)} and images/"  # for error messages
 SPLITS: dict[str, tuple[str, ...]] = {
     "unc": ("train", "val", "testA", "testB"),
     "umd": ("train", "val", "test"),
@@ -43,7 +55,8 @@ SPLITS: dict[str, tuple[str, ...]] = {
 TEXT_FIELDS = ("raw", "sent")
 MIN_POLYGON_NUMBERS = 6  # COCO drops polygons of fewer than 3 points
 
-# (image_id, ann_ids, text, ref_id, sent_id): all a sample needs before decoding.
+# (image_id, ann_ids, text, ref_id, sent_id): all a sample needs before decoding; ann_ids is
+# empty for an expression that refers to nothing.
 Sample = tuple[int, tuple[int, ...], str, int, int]
 
 
@@ -73,6 +86,17 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
             "and a refs file holds only lists, dicts, strings and numbers")
 
 
+def refs_file_names(dataset: str, split_by: str) -> tuple[str, ...]:
+    """The refs files ``dataset``/``split_by`` may have, in the order they are tried."""
+    return tuple(name.format(split_by) for name in REFS_FILES.get(dataset, (REFS_FILE,)))
+
+
+def find_refs_file(ref_dir: str | Path, dataset: str, split_by: str) -> Path:
+    """The first of :func:`refs_file_names` present in ``ref_dir``; the last one when none is."""
+    paths = [Path(ref_dir) / name for name in refs_file_names(dataset, split_by)]
+    return next((p for p in paths if p.is_file()), paths[-1])
+
+
 def _unpickle(path: Path, encoding: str) -> Any:
     with open(path, "rb") as f:
         unpickler = _NoGlobalsUnpickler(f, encoding=encoding)
@@ -81,12 +105,26 @@ def _unpickle(path: Path, encoding: str) -> Any:
 
 
 def load_refs(path: str | Path) -> list[dict[str, Any]]:
-    """Read a ``refs(X).p`` file: a Python-2-era pickle of ``list[dict]``, without importing anything.
+    """Read a refs file: a ``.json`` list of ref dicts, or a pickle of one, without importing anything.
 
-    Python 2 ``str`` fields that are not ASCII are read as latin-1 (the pickle holds no encoding).
-    Raises ReferError for a file that is not such a pickle, or that tries to import a global.
+    Pickles (``refs(X).p``) are Python-2-era: ``str`` fields that are not ASCII are read as
+    latin-1 (the pickle holds no encoding). Raises ReferError for a file that is not such a list,
+    or a pickle that tries to import a global.
     """
     path = Path(path)
+    if path.suffix == ".json":
+        try:
+            refs = json.loads(path.read_bytes())
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ReferError(f"{path} is not valid JSON ({e}); re-download it") from None
+    else:
+        refs = _load_refs_pickle(path)
+    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
+        raise ReferError(f"{path} must hold a list of ref dicts, got {type(refs).__name__}")
+    return refs
+
+
+def _load_refs_pickle(path: Path) -> Any:
     try:
         try:
             refs = _unpickle(path, "ASCII")
@@ -98,8 +136,6 @@ def load_refs(path: str | Path) -> list[dict[str, Any]]:
         raise ReferError(f"{path} is not a readable refs pickle ({e})") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
         raise ReferError(f"{path} is not a readable refs pickle ({type(e).__name__}: {e})") from None
-    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
-        raise ReferError(f"{path} must hold a list of ref dicts, got {type(refs).__name__}")
     return refs
 
 
@@ -174,46 +210,72 @@ class ReferIndex:
     """What :func:`read_refer` found: samples and counts per split, the used images and annotations.
 
     ``images``: image id -> (file name, height, width); ``annotations``: ann id -> (image id,
-    segmentation); ``counts``: split -> (refs, images, sentences); ``problems``: inconsistencies
-    (a ref whose annotation or image is missing...) worded for the user; ``other_splits``: refs per
-    split name outside the requested splits.
+    segmentation), the annotations some sample's mask is made from; ``counts``: split -> (refs,
+    images, sentences) over refs with sentences; ``target_counts``: split -> (no-target sentences,
+    multi-target sentences); ``problems``: inconsistencies (a ref whose annotation or image is
+    missing...) worded for the user; ``other_splits``: refs per split name outside the requested
+    splits; ``sentenceless_refs``: split -> refs without sentences (they give no samples and are
+    not counted).
     """
 
     samples: dict[str, list[Sample]]
     images: dict[int, tuple[str, int, int]]
     annotations: dict[int, tuple[int, Any]]
     counts: dict[str, tuple[int, int, int]]
+    target_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     other_splits: dict[str, int] = field(default_factory=dict)
+    sentenceless_refs: dict[str, int] = field(default_factory=dict)
 
 
-def _ann_ids(value: Any) -> tuple[int, ...]:
-    """A ref's ``ann_id``: one id (RefCOCO family) or a list of ids (several referred objects)."""
-    return tuple(int(a) for a in value) if isinstance(value, (list, tuple)) else (int(value),)
+def _targets(ref: dict[str, Any]) -> tuple[tuple[int, ...], str | None]:
+    """A ref's referred annotation ids (empty: it refers to nothing) and what is wrong with them, if anything.
+
+    ``ann_id`` is one id (RefCOCO family) or a list (gRefCOCO), ``[-1]`` meaning no target; a
+    gRefCOCO ``no_target`` flag must agree with it.
+    """
+    value = ref["ann_id"]
+    listed = tuple(int(a) for a in value) if isinstance(value, (list, tuple)) else (int(value),)
+    targets = tuple(a for a in listed if a != NO_TARGET_ANN_ID)
+    flag = ref.get("no_target")
+    if not listed:
+        return targets, f"ann_id is an empty list (an expression without a target has [{NO_TARGET_ANN_ID}])"
+    if targets and len(targets) != len(listed):
+        return targets, f"ann_id {list(listed)} mixes {NO_TARGET_ANN_ID} (no target) with annotation ids"
+    if flag is not None and bool(flag) != (not targets):
+        return targets, f"no_target is {flag!r} but ann_id is {list(listed)}"
+    return targets, None
 
 
-def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_field: str = "raw") -> ReferIndex:
-    """Index ``<ref_dir>/refs(<split_by>).p`` and ``<ref_dir>/instances.json`` for ``splits``.
+def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_field: str = "raw",
+               dataset: str | None = None) -> ReferIndex:
+    """Index the refs file of ``dataset``/``split_by`` and ``<ref_dir>/instances.json`` for ``splits``.
 
-    Only the annotations and images used by refs of ``splits`` are kept. Raises
+    ``dataset`` (default: the name of ``ref_dir``) picks the refs file (:func:`find_refs_file`).
+    Only the annotations and images used by refs of ``splits`` are kept. A ref that lists several
+    annotations refers to their union without its crowd annotations (ReLA drops crowd regions; a
+    ref whose annotations are all crowd keeps them, or its target would vanish). Raises
     FileNotFoundError for a missing file and ReferError for an unreadable one; inconsistencies
     between the two files are listed in ``problems``.
     """
     ref_dir = Path(ref_dir)
     if text_field not in TEXT_FIELDS:
         raise ValueError(f"text_field must be one of {', '.join(TEXT_FIELDS)}, got {text_field!r}")
-    refs_path, instances_path = ref_dir / f"refs({split_by}).p", ref_dir / "instances.json"
+    refs_path = find_refs_file(ref_dir, dataset or ref_dir.name, split_by)
+    instances_path = ref_dir / "instances.json"
     for path in (refs_path, instances_path):
         if not path.is_file():
             where = "the dataset folder" if ref_dir.is_dir() else "the data root"
             raise FileNotFoundError(f"{path} does not exist; check {where} (--root / data.root / "
-                                    "$SHAREDRIS_DATA must hold refcoco/, refcoco+/, refcocog/ and images/)")
+                                    f"$SHAREDRIS_DATA must hold {_DATA_ROOT_FOLDERS})")
 
     samples: dict[str, list[Sample]] = {s: [] for s in splits}
     refs_per_split = dict.fromkeys(splits, 0)
     images_per_split: dict[str, set[int]] = {s: set() for s in splits}
+    no_target, multi_target, sentenceless = dict.fromkeys(splits, 0), dict.fromkeys(splits, 0), dict.fromkeys(splits, 0)
     other_splits: dict[str, int] = {}
     anns_of_ref: dict[int, tuple[tuple[int, ...], int]] = {}  # ref id -> (ann ids, image id)
+    problems: list[str] = []
     refs = load_refs(refs_path)
     for i, ref in enumerate(refs):
         try:
@@ -222,15 +284,23 @@ def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_f
                 other_splits[str(split)] = other_splits.get(str(split), 0) + 1
                 continue
             ref_id, image_id = int(ref["ref_id"]), int(ref["image_id"])
-            ann_ids = _ann_ids(ref["ann_id"])
-            for sent in ref["sentences"]:
+            ann_ids, problem = _targets(ref)
+            sentences = ref["sentences"]
+            for sent in sentences:
                 samples[split].append((image_id, ann_ids, str(sent[text_field]), ref_id, int(sent["sent_id"])))
         except KeyError as e:
             raise ReferError(f"{refs_path}: ref #{i} has no {e} field; is this a refer-format refs file?") from None
         except (TypeError, ValueError) as e:
             raise ReferError(f"{refs_path}: ref #{i} is malformed ({e})") from None
+        if not sentences:
+            sentenceless[split] += 1
+            continue
+        if problem:
+            problems.append(f"ref {ref_id}: {problem}")
         refs_per_split[split] += 1
         images_per_split[split].add(image_id)
+        no_target[split] += len(sentences) * (not ann_ids)
+        multi_target[split] += len(sentences) * (len(ann_ids) > 1)
         anns_of_ref[ref_id] = (ann_ids, image_id)
     del refs  # the largest object here; gone before instances.json is parsed
 
@@ -238,6 +308,7 @@ def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_f
     need_images = set().union(*images_per_split.values())
     images: dict[int, tuple[str, int, int]] = {}
     annotations: dict[int, tuple[int, Any]] = {}
+    crowd: set[int] = set()
 
     def keep_used(obj: dict[str, Any]) -> dict[str, Any] | None:
         # Called for every JSON object as it is parsed: unused annotations (and their polygons)
@@ -245,6 +316,8 @@ def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_f
         if "segmentation" in obj and "image_id" in obj:
             if obj.get("id") in need_anns:
                 annotations[obj["id"]] = (int(obj["image_id"]), obj["segmentation"])
+                if obj.get("iscrowd"):
+                    crowd.add(obj["id"])
             return None
         if "file_name" in obj and "height" in obj and "width" in obj and "id" in obj:
             if obj["id"] in need_images:
@@ -259,7 +332,6 @@ def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_f
     if not isinstance(top, dict) or "images" not in top or "annotations" not in top:
         raise ReferError(f"{instances_path} has no 'images' and 'annotations' lists; is it a COCO instances file?")
 
-    problems = []
     for ref_id, (ann_ids, image_id) in anns_of_ref.items():
         for ann_id in ann_ids:
             if ann_id not in annotations:
@@ -269,23 +341,42 @@ def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_f
                                 f"not to the ref's image {image_id}")
         if image_id not in images:
             problems.append(f"ref {ref_id}: image {image_id} is not in {instances_path}")
+    if crowd:
+        _drop_crowd_from_unions(samples, annotations, crowd)
     counts = {s: (refs_per_split[s], len(images_per_split[s]), len(samples[s])) for s in splits}
-    return ReferIndex(samples, images, annotations, counts, problems, other_splits)
+    target_counts = {s: (no_target[s], multi_target[s]) for s in splits}
+    return ReferIndex(samples, images, annotations, counts, target_counts, problems, other_splits, sentenceless)
+
+
+def _drop_crowd_from_unions(samples: dict[str, list[Sample]], annotations: dict[int, tuple[int, Any]],
+                            crowd: set[int]) -> None:
+    """In place: samples of several annotations lose the crowd ones (unless all are), and
+    ``annotations`` keeps only those some mask is made from."""
+    for split_samples in samples.values():
+        for k, (image_id, ann_ids, text, ref_id, sent_id) in enumerate(split_samples):
+            kept = tuple(a for a in ann_ids if a not in crowd)
+            if len(ann_ids) > 1 and kept and len(kept) < len(ann_ids):
+                split_samples[k] = (image_id, kept, text, ref_id, sent_id)
+    used = {a for split_samples in samples.values() for _, ann_ids, *_ in split_samples for a in ann_ids}
+    for ann_id in set(annotations) - used:
+        del annotations[ann_id]
 
 
 class RefDataset:
-    """One split of RefCOCO / RefCOCO+ / RefCOCOg, one sample per sentence.
+    """One split of RefCOCO / RefCOCO+ / RefCOCOg / gRefCOCO, one sample per sentence.
 
     ``ds[i]`` is a :class:`~sharedris.data.sample.RefSample`: ``image`` (PIL RGB at its stored size,
     no EXIF rotation: the size must match ``instances.json``), ``mask`` (bool HxW, the union of the
-    referred annotations), ``text`` (the sentence's ``text_field``), ``ann_ids``, ``group`` (""
-    : refer data has no breakdown key; report splits separately), plus ``ref_id``, ``sent_id``,
-    ``image_id`` and ``split``.
+    referred annotations; all False when the expression refers to nothing), ``text`` (the
+    sentence's ``text_field``), ``ann_ids`` (those the mask is made from; empty when nothing is
+    referred to), ``group`` ("": refer data has no breakdown key; report splits separately), plus
+    ``no_target`` (True exactly when ``ann_ids`` is empty: gRefCOCO's no-target expressions),
+    ``ref_id``, ``sent_id``, ``image_id`` and ``split``.
 
     Args:
-        root: the folder holding ``refcoco/``, ``refcoco+/``, ``refcocog/`` and ``images/``.
-        dataset: ``refcoco``, ``refcoco+`` or ``refcocog``.
-        split_by: ``unc`` (refcoco, refcoco+), ``umd`` or ``google`` (refcocog); None = the usual one.
+        root: the folder holding ``refcoco/``, ``refcoco+/``, ``refcocog/``, ``grefcoco/`` and ``images/``.
+        dataset: ``refcoco``, ``refcoco+``, ``refcocog`` or ``grefcoco``.
+        split_by: ``unc`` (refcoco, refcoco+, grefcoco), ``umd`` or ``google`` (refcocog); None = the usual one.
         split: ``train``/``val``/``testA``/``testB`` (unc), ``train``/``val``/``test`` (umd),
             ``train``/``val`` (google).
         image_root: where the COCO train2014 images are; default ``<root>/images/train2014``.
@@ -301,11 +392,12 @@ class RefDataset:
         self.image_root = Path(image_root) if image_root is not None else self.root / "images" / "train2014"
         if not self.root.is_dir():
             raise FileNotFoundError(f"data root {self.root} does not exist; set --root / data.root / "
-                                    "$SHAREDRIS_DATA to the folder holding refcoco/, refcoco+/, refcocog/ and images/")
-        index = read_refer(self.root / dataset, self.split_by, [split], text_field)
+                                    f"$SHAREDRIS_DATA to the folder holding {_DATA_ROOT_FOLDERS}")
+        index = read_refer(self.root / dataset, self.split_by, [split], text_field, dataset=dataset)
         if index.problems:
             more = f" (and {len(index.problems) - 1} more)" if len(index.problems) > 1 else ""
-            raise ReferError(f"{index.problems[0]}{more}; `sharedris data check --root {self.root}` lists them all")
+            raise ReferError(f"{index.problems[0]}{more}; `sharedris data check --root {self.root} "
+                             f"--dataset {dataset}` lists them all")
         self._samples = index.samples[split]
         self._images = index.images
         self._annotations = index.annotations
@@ -327,7 +419,7 @@ class RefDataset:
                 raise ReferError(f"annotation {ann_id} in {self.root / self.dataset / 'instances.json'} "
                                  f"cannot be decoded: {e}") from None
         return {"image": image, "mask": mask, "text": text, "ann_ids": list(ann_ids), "group": "",
-                "ref_id": ref_id, "sent_id": sent_id, "image_id": image_id, "split": self.split}
+                "no_target": not ann_ids, "ref_id": ref_id, "sent_id": sent_id, "image_id": image_id, "split": self.split}
 
     @staticmethod
     def _read_image(path: Path, height: int, width: int) -> Image.Image:

@@ -41,6 +41,7 @@ DATASETS: dict[str, Callable[[DataConfig, str, bool], Source]] = {
     "refcoco": _refer("refcoco"),
     "refcoco+": _refer("refcoco+"),
     "refcocog": _refer("refcocog"),
+    "grefcoco": _refer("grefcoco"),  # no-target expressions give empty masks; GRES metrics in sharedris.metrics
 }
 
 
