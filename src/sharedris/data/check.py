@@ -2,7 +2,8 @@
 
 For each dataset folder (and each of its refs files) it reads the annotation files, opens every
 image a ref uses (present, decodable, of the size ``instances.json`` says) and decodes every
-referred annotation, then prints refs/images/sentences per split next to the official counts.
+referred annotation, then prints refs/images/sentences per split next to the official counts
+(gRefCOCO: also its no-target and multi-target expressions, and the total over the splits).
 Problems (missing or corrupt files, inconsistent ids) are collected, not raised, so one run lists
 them all. Counts that differ from the official release are flagged but are not problems (a subset
 or a synthetic fixture is fine to use).
@@ -10,24 +11,48 @@ or a synthetic fixture is fine to use).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Callable
 
 from sharedris.data.images import ImageError, read_dataset_image
-from sharedris.data.refer import SPLIT_BYS, SPLITS, ReferError, decode_segmentation, read_refer, resolve_split_by
+from sharedris.data.refer import (
+    SPLIT_BYS,
+    SPLITS,
+    ReferError,
+    ReferIndex,
+    decode_segmentation,
+    find_refs_file,
+    read_refer,
+    refs_file_names,
+    resolve_split_by,
+)
 from sharedris.progress import progress as progress_bar
 
-# docs/reference.md (counts from lichengunc/refer): (dataset, split_by) -> split -> (refs, images, sentences).
-OFFICIAL_COUNTS: dict[tuple[str, str], dict[str, tuple[int, int, int]]] = {
+# docs/reference.md (counts from lichengunc/refer; gRefCOCO: the GRES paper and ReLA's files):
+# (dataset, split_by) -> split -> (refs, images, sentences), None where no count is published.
+OFFICIAL_COUNTS: dict[tuple[str, str], dict[str, tuple[int | None, int | None, int | None]]] = {
     ("refcoco", "unc"): {"train": (42404, 16994, 120624), "val": (3811, 1500, 10834),
                          "testA": (1975, 750, 5657), "testB": (1810, 750, 5095)},
     ("refcoco+", "unc"): {"train": (42278, 16992, 120191), "val": (3805, 1500, 10758),
                           "testA": (1975, 750, 5726), "testB": (1798, 750, 4889)},
     ("refcocog", "umd"): {"train": (42226, 21899, 80512), "val": (2573, 1300, 4896), "test": (5023, 2600, 9602)},
     ("refcocog", "google"): {"train": (44822, 24698, 85474), "val": (5000, 4650, 9536)},
+    ("grefcoco", "unc"): {"train": (None, 16994, None), "val": (None, 1500, None),
+                          "testA": (None, 750, None), "testB": (None, 750, None)},
 }
-# Sentence counts read off secondary sources only: shown with "~".
-UNVERIFIED_SENTENCES = {("refcocog", "umd"), ("refcocog", "google")}
+# (dataset, split_by, split, column) of counts read off secondary sources or only approximate:
+# shown with "~" and never flagged.
+APPROXIMATE: set[tuple[str, str, str, int]] = {
+    *(("refcocog", "umd", s, 2) for s in SPLITS["umd"]),
+    *(("refcocog", "google", s, 2) for s in SPLITS["google"]),
+    ("grefcoco", "unc", "train", 1),
+}
+# Sentences in the whole released file, where only that total is published.
+OFFICIAL_TOTAL_SENTENCES: dict[tuple[str, str], int] = {("grefcoco", "unc"): 259859}
+# Datasets whose expressions may refer to no object or to several: their table counts those too.
+GENERALIZED = ("grefcoco",)
+CELL_WIDTH = 22  # the widest header, "expressions / official"
 
 
 def _check_image(path: Path, height: int, width: int) -> str | None:
@@ -42,11 +67,58 @@ def _check_image(path: Path, height: int, width: int) -> str | None:
 
 
 def _count_cell(found: int, official: int | None, approx: bool = False) -> tuple[str, bool]:
+    """``found`` next to ``official`` (``~`` when approximate, ``*`` when they differ) and whether they do."""
     if official is None:
         return f"{found:>7,} {'':>9}", False
-    differs = found != official
+    differs = found != official and not approx
     mark = "*" if differs else " "
     return f"{found:>7,} {('~' if approx else ' ') + format(official, ','):>8}{mark}", differs
+
+
+def _table_row(label: str, found: Sequence[int], official: Sequence[int | None],
+               approx: Collection[int]) -> tuple[str, bool]:
+    """One table line and whether a count differs from its official one.
+
+    The first three columns (refs, images, sentences) stand next to ``official`` (None or missing:
+    not published); further columns (no-target, multi-target) have no official counts.
+    """
+    cells, differs = [], False
+    for k, n in enumerate(found):
+        if k >= 3:
+            cells.append(f"{n:,}")
+            continue
+        cell, cell_differs = _count_cell(n, official[k] if k < len(official) else None, k in approx)
+        cells.append(cell)
+        differs |= cell_differs
+    return f"  {label:<6} " + " ".join(f"{c:>{CELL_WIDTH}}" for c in cells), differs
+
+
+def _echo_counts(index: ReferIndex, name: str, split_by: str, echo: Callable[[str], None]) -> bool:
+    """Print the counts table of one refs file; True if a count differs from the official one."""
+    official = OFFICIAL_COUNTS.get((name, split_by), {})
+    generalized = name in GENERALIZED
+    header = ["refs / official", "images / official",
+              "expressions / official" if generalized else "sentences / official"]
+    header += ["no-target", "multi-target"] if generalized else []
+    echo(f"  {'split':<6} " + " ".join(f"{h:>{CELL_WIDTH}}" for h in header))
+    found = {s: (*counts, *index.target_counts[s]) if generalized else counts for s, counts in index.counts.items()}
+    any_differs = False
+    for split, row in found.items():
+        approx = {k for k in range(3) if (name, split_by, split, k) in APPROXIMATE}
+        line, differs = _table_row(split, row, official.get(split, ()), approx)
+        echo(line)
+        any_differs |= differs
+    total = OFFICIAL_TOTAL_SENTENCES.get((name, split_by))
+    if total is not None:  # the splits partition the file's refs, so their counts add up
+        line, differs = _table_row("total", [sum(col) for col in zip(*found.values())], (None, None, total), ())
+        echo(line)
+        any_differs |= differs
+    for split, n in index.sentenceless_refs.items():
+        if n:
+            echo(f"  note: {n} {split} refs have no sentences and give no samples")
+    for other, n in sorted(index.other_splits.items()):
+        echo(f"  note: {n} refs of split {other!r}, not a {split_by} split, are not used")
+    return any_differs
 
 
 def check_root(root: str | Path, dataset: str | None = None, split_by: str | None = None,
@@ -55,7 +127,7 @@ def check_root(root: str | Path, dataset: str | None = None, split_by: str | Non
     """Check a refer-format data root; print a report through ``echo`` and return the problems.
 
     Args:
-        dataset: one of refcoco, refcoco+, refcocog; None = every one whose folder exists.
+        dataset: one of refcoco, refcoco+, refcocog, grefcoco; None = every one whose folder exists.
         split_by: check only refs files of this split_by; None = every supported refs file present.
         image_root: default ``<root>/images/train2014``.
     Returns:
@@ -85,32 +157,22 @@ def check_root(root: str | Path, dataset: str | None = None, split_by: str | Non
         if not ref_dir.is_dir():
             problems.append(f"dataset folder {ref_dir} is missing")
             continue
-        split_bys = [split_by] if split_by else [s for s in SPLIT_BYS[name] if (ref_dir / f"refs({s}).p").is_file()]
+        split_bys = [split_by] if split_by else [s for s in SPLIT_BYS[name]
+                                                 if find_refs_file(ref_dir, name, s).is_file()]
         if not split_bys:
-            problems.append(f"{ref_dir} has no refs file ({', '.join(f'refs({s}).p' for s in SPLIT_BYS[name])})")
+            names = (n for s in SPLIT_BYS[name] for n in refs_file_names(name, s))
+            problems.append(f"{ref_dir} has no refs file ({', '.join(names)})")
             continue
         for sb in split_bys:
-            echo(f"{name}/{sb}  ({ref_dir})")
+            echo(f"{name}/{sb}  ({find_refs_file(ref_dir, name, sb)})")
             try:
-                index = read_refer(ref_dir, sb, SPLITS[sb])
+                index = read_refer(ref_dir, sb, SPLITS[sb], dataset=name)
             except (OSError, ReferError) as e:
                 problems.append(str(e))
                 echo(f"  unreadable: {e}")
                 continue
             problems.extend(index.problems)
-            official = OFFICIAL_COUNTS.get((name, sb), {})
-            echo(f"  {'split':<6} {'refs / official':>20} {'images / official':>20} {'sentences / official':>20}")
-            for split, counts in index.counts.items():
-                cells = []
-                for k, found in enumerate(counts):
-                    ref = official.get(split)
-                    approx = k == 2 and (name, sb) in UNVERIFIED_SENTENCES
-                    cell, differs = _count_cell(found, ref[k] if ref else None, approx)
-                    cells.append(cell)
-                    any_differs |= differs and not approx
-                echo(f"  {split:<6} " + " ".join(f"{c:>20}" for c in cells))
-            for other, n in sorted(index.other_splits.items()):
-                echo(f"  note: {n} refs of split {other!r}, not a {sb} split, are not used")
+            any_differs |= _echo_counts(index, name, sb, echo)
 
             todo = sorted(set(index.images.values()) - set(checked_images))
             for file_name, height, width in progress_bar(todo, desc=f"{name}/{sb} images", disable=not progress,
