@@ -23,7 +23,7 @@ ALLOWED = {
     "data": {"progress"},
     "text": set(),
     "metrics": set(),
-    "losses": set(),
+    "losses": {"modeling"},  # one loss term per field of the model's output type
     "precision": set(),
 }
 

@@ -231,7 +231,7 @@ def test_training_run_writes_its_outputs(run_a):
 
 def _crash_at_call(monkeypatch, n: int) -> None:
     """Make the n-th loss computation raise, as a killed process would stop mid-step."""
-    real, calls = loop.segmentation_loss, [0]
+    real, calls = loop.referring_loss, [0]
 
     def crashing(*args, **kwargs):
         calls[0] += 1
@@ -239,7 +239,7 @@ def _crash_at_call(monkeypatch, n: int) -> None:
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "segmentation_loss", crashing)
+    monkeypatch.setattr(loop, "referring_loss", crashing)
 
 
 def _record_training_scenes(monkeypatch) -> set[int]:

@@ -1,9 +1,30 @@
-"""Mask loss for referring segmentation: weighted binary cross-entropy plus soft Dice."""
+"""Training loss of Shared-RIS: one term per model output (today the mask: weighted BCE plus soft Dice).
+
+:func:`referring_loss` is what the training loop calls; its keyword arguments are the fields of
+``LossConfig`` (the training config's ``loss`` section), and it returns every term by name, which
+the loop logs as it finds them. A new head adds its output field, its term here and its weight.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from sharedris.modeling.segmenter import SegmenterOutput
+
+
+def referring_loss(output: SegmenterOutput, target: torch.Tensor, *, bce_weight: float = 2.0,
+                   dice_weight: float = 0.5) -> dict[str, torch.Tensor]:
+    """The weighted sum of every term for a batch of model outputs.
+
+    Args:
+        output: the model's output for a batch.
+        target: ``Bx1xHxW`` or ``BxHxW`` ground-truth masks at the logits' resolution.
+        bce_weight, dice_weight: weights of the mask terms.
+    Returns:
+        ``{"loss": weighted sum, "bce": ..., "dice": ...}`` (terms unweighted), float32 scalars.
+    """
+    return segmentation_loss(output.mask_logits, target, bce_weight, dice_weight)
 
 
 def segmentation_loss(

@@ -20,7 +20,7 @@ from sharedris.config import to_dict
 from sharedris.data.datasets import RISSamples, collate
 from sharedris.data.registry import build_source
 from sharedris.evaluate import evaluate
-from sharedris.losses import segmentation_loss
+from sharedris.losses import referring_loss
 from sharedris.modeling.pretrained import resolve_tokenizer, save_pretrained
 from sharedris.modeling.registry import build_model, model_config
 from sharedris.precision import autocast_context, training_amp_dtype
@@ -178,7 +178,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
                             persistent_workers=False, pin_memory=info.device.type == "cuda")
         model.train()
         micro = 0
-        window = torch.zeros(3, device=info.device)  # loss, bce, dice summed over this step's micro-batches
+        window: dict[str, torch.Tensor] = {}  # each loss term summed over this step's micro-batches
         for batch in loader:
             ids, pad = tokenizer(batch["text"])
             image, target = batch["image"].to(info.device), batch["mask"].to(info.device)
@@ -187,9 +187,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
             with ctx:
                 with autocast_context(info.device, amp_dtype):
                     output = ddp(image, ids.to(info.device), pad.to(info.device))
-                losses = segmentation_loss(output.mask_logits, target, cfg.loss.bce_weight, cfg.loss.dice_weight)
+                losses = referring_loss(output, target, **to_dict(cfg.loss))
                 scaler.scale(losses["loss"] / cfg.grad_accum).backward()
-            window += torch.stack([losses["loss"], losses["bce"], losses["dice"]]).detach()
+            for name, value in losses.items():
+                window[name] = window.get(name, 0.0) + value.detach()
             micro += 1
             if not sync:
                 continue
@@ -206,18 +207,19 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
             if step % cfg.log_every == 0 or step == total_steps:
                 # The mean over the whole global batch (micro-batches and ranks are equal-sized), so
                 # the logged loss is the same for any world size x grad_accum.
-                mean = window / (cfg.grad_accum * info.world)
+                names = sorted(window)  # the same terms on every rank
+                mean = torch.stack([window[n] for n in names]) / (cfg.grad_accum * info.world)
                 if info.world > 1:
                     torch.distributed.all_reduce(mean)
-                loss, bce, dice = mean.tolist()
+                terms = dict(zip(names, mean.tolist()))
                 if info.is_main:
-                    record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "bce": bce,
-                              "dice": dice, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                    record = {"step": step, "epoch": step / steps_per_epoch, **terms,
+                              "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                               "elapsed_s": time.perf_counter() - start}
-                    bar.set_postfix(loss=f"{loss:.3f}")
+                    bar.set_postfix(loss=f"{terms['loss']:.3f}")
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
-            window.zero_()
+            window.clear()
             if step % steps_per_epoch == 0:
                 epoch_done = step // steps_per_epoch
                 if epoch_done % cfg.eval_every == 0 or step == total_steps:
