@@ -67,3 +67,15 @@ def test_write_prints_a_line_on_stdout(capsys):
     bar = progress(total=2, file=io.StringIO())
     bar.write("epoch 1: val oIoU 0.5")
     assert capsys.readouterr().out == "epoch 1: val oIoU 0.5\n"
+
+
+def test_byte_counts_are_shown_in_decimal_units():
+    out, clock = io.StringIO(), FakeClock()
+    bar = progress(total=2_500_000, initial=1_000_000, desc="file.zip", file=out, interval=5.0, clock=clock,
+                   unit="B", unit_scale=True, leave=False)
+    clock.now += 5
+    bar.update(500_000)  # 500 kB in 5 s since the resume point
+    bar.close()
+    first, summary = out.getvalue().splitlines()
+    assert first.startswith("file.zip: 1.5 MB/2.5 MB (60%) in 0:05, 100.0 kB/s")
+    assert summary.startswith("file.zip: done, 1.5 MB/2.5 MB")

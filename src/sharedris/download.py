@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from sharedris.progress import progress as progress_bar
+
 CHUNK = 1 << 20  # bytes per read; also the granularity of progress updates
-LOG_EVERY_S = 5.0  # plain progress lines (stderr not a terminal) at most this often
 USER_AGENT = "sharedris-fetch (python urllib)"
 
 
@@ -66,36 +67,6 @@ def _human(n: float) -> str:
     return f"{n / 1000 ** exponent:.1f} {'KMG'[exponent - 1]}B"
 
 
-class _Progress:
-    """A tqdm bar when stderr is a terminal, else a plain line at most every ``LOG_EVERY_S`` seconds."""
-
-    def __init__(self, name: str, done: int, total: int | None) -> None:
-        self.name, self.done, self.total = name, done, total
-        self.start_done, self.start = done, time.monotonic()
-        self.last_log = self.start
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=name, leave=False)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self.last_log >= LOG_EVERY_S:
-            self.last_log = now
-            of = f" / {_human(self.total)} ({100 * self.done / self.total:.1f}%)" if self.total else ""
-            rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
-            print(f"{self.name}: {_human(self.done)}{of} at {_human(rate)}/s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _total_from(response: http.client.HTTPResponse, offset: int) -> int | None:
     """The full file size a response implies (Content-Range total, else offset + Content-Length)."""
     match = re.search(r"/(\d+)\s*$", response.headers.get("Content-Range", ""))
@@ -130,7 +101,8 @@ def _fetch_into(url: str, part: Path, progress_name: str, timeout: float) -> int
         if offset and response.status != 206:  # the server ignored Range and sends the whole file
             offset = 0
         total = _total_from(response, offset)
-        progress = _Progress(progress_name, offset, total)
+        progress = progress_bar(total=total, initial=offset, desc=progress_name, unit="B", unit_scale=True,
+                                leave=False)
         try:
             with open(part, "ab" if offset else "wb") as f:
                 while True:

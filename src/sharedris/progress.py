@@ -8,6 +8,7 @@ line when it closes.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, TextIO
@@ -33,16 +34,19 @@ class LineProgress:
         interval: least number of seconds between two progress lines.
         file: where lines go (stderr by default).
         clock: seconds as a float; injectable so tests need not sleep.
+        unit: what is counted (``"B"`` for a download); with ``unit_scale`` counts and rates are
+            shown in decimal units ("12.3 MB", "1.5 MB/s"), as tqdm does.
     """
 
     def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
                  initial: int = 0, interval: float = DEFAULT_INTERVAL, file: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, unit: str = "it", unit_scale: bool = False) -> None:
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
         self.iterable, self.total, self.desc = iterable, total, desc
         self.n = self.initial = initial
         self.interval, self.file, self.clock = interval, file, clock
+        self.unit, self.unit_scale = unit, unit_scale
         self.postfix = ""
         self.start = self.last_print = clock()
         self.closed = False
@@ -90,19 +94,30 @@ class LineProgress:
 
     def _line(self, now: float, done: bool = False) -> str:
         elapsed = now - self.start
-        count = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
+        count = f"{self._count(self.n)}/{self._count(self.total)}" if self.total is not None else self._count(self.n)
         parts = [f"{self.desc}: " if self.desc else "", "done, " if done else "", count]
         if self.total and not done:
             parts.append(f" ({100 * self.n / self.total:.0f}%)")
         parts.append(f" in {_duration(elapsed)}")
         if elapsed > 0 and self.n > self.initial:
             rate = (self.n - self.initial) / elapsed
-            parts.append(f", {rate:.3g} it/s" if rate >= 1 else f", {1 / rate:.3g} s/it")
+            if self.unit_scale:
+                parts.append(f", {self._count(rate)}/s")
+            else:
+                parts.append(f", {rate:.3g} {self.unit}/s" if rate >= 1 else f", {1 / rate:.3g} s/{self.unit}")
             if self.total is not None and not done and self.n < self.total:
                 parts.append(f", {_duration((self.total - self.n) / rate)} left")
         if self.postfix:
             parts.append(f" | {self.postfix}")
         return "".join(parts)
+
+    def _count(self, n: float) -> str:
+        if not self.unit_scale:
+            return f"{n:g}" if isinstance(n, float) else str(n)
+        if n < 1000:
+            return f"{n:.0f} {self.unit}"
+        exponent = min(4, int(math.log10(n) // 3))
+        return f"{n / 1000 ** exponent:.1f} {'kMGT'[exponent - 1]}{self.unit}"
 
     def _print(self, line: str) -> None:
         print(line, file=self.file or sys.stderr, flush=True)
@@ -125,8 +140,8 @@ def progress(iterable: Iterable | None = None, total: int | None = None, desc: s
         interval: non-terminal only, least seconds between two lines.
         file: where progress goes; stderr by default. Whether it is a terminal picks the kind.
         clock: non-terminal only, the time source (tests inject one).
-        tqdm_options: display options passed to tqdm on a terminal (``leave``, ``dynamic_ncols``);
-            plain lines have no use for them.
+        tqdm_options: display options passed to tqdm on a terminal (``leave``, ``dynamic_ncols``,
+            ``unit``, ``unit_scale``); plain lines use ``unit`` and ``unit_scale`` too.
     Returns:
         An object with ``update``, ``set_postfix``, ``write``, ``close`` and iteration. When
         ``disable`` is true, a disabled tqdm (nothing is printed) whatever the output.
@@ -135,4 +150,5 @@ def progress(iterable: Iterable | None = None, total: int | None = None, desc: s
     if disable or getattr(stream, "isatty", lambda: False)():
         return tqdm(iterable, total=total, desc=desc, disable=disable, initial=initial, file=stream, **tqdm_options)
     return LineProgress(iterable, total=total, desc=desc, initial=initial, interval=interval, file=stream,
-                        clock=clock)
+                        clock=clock, unit=tqdm_options.get("unit", "it"),
+                        unit_scale=bool(tqdm_options.get("unit_scale", False)))
