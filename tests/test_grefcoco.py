@@ -15,13 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from _tiny_model import TINY_MODEL
 from PIL import Image
 
 from sharedris.cli import main
+from sharedris.config import merge
 from sharedris.data.config import DataConfig
 from sharedris.data.refer import RefDataset, ReferError, decode_segmentation
 from sharedris.data.registry import DATASETS, build_source
 from sharedris.data.synthetic import write_refer_format
+from sharedris.train.config import TrainConfig
+from sharedris.train.loop import train
 
 SIZE = 64
 SPLITS = {"train": 3, "val": 3, "testA": 2, "testB": 2}
@@ -193,7 +198,8 @@ def test_inconsistent_targets_are_refused(gref_root, tmp_path, ann_id, no_target
     ref["ann_id"] = {"none": [-1], "own": ref["ann_id"], "mixed": [-1, *ref["ann_id"]], "empty": []}[ann_id]
     ref["no_target"] = no_target
     _write(root, grefs=grefs)
-    with pytest.raises(ReferError, match=rf"ref {ref['ref_id']}: [^;]*{re.escape(needle)}.*data check .*--dataset grefcoco"):
+    message = rf"ref {ref['ref_id']}: [^;]*{re.escape(needle)}.*data check .*--dataset grefcoco"
+    with pytest.raises(ReferError, match=message):
         RefDataset(root, "grefcoco", split="train")
 
 
@@ -227,6 +233,23 @@ def test_the_registry_builds_grefcoco(gref_root):
     assert "grefcoco" in DATASETS
     source = build_source(DataConfig(dataset="grefcoco", root=str(gref_root["root"])), "testB", train=False)
     assert isinstance(source, RefDataset) and source.dataset == "grefcoco" and source.split == "testB"
+
+
+def test_training_runs_on_grefcoco(gref_root, tmp_path):
+    # Masks only (no presence head yet): no-target expressions train towards the empty mask.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = train(merge(TrainConfig(), {
+            "model": "sharedris_tiny", "model_overrides": TINY_MODEL, "batch_size": 2, "epochs": 1,
+            "drop_path": 0.0, "amp": "none", "log_every": 1, "out_dir": str(tmp_path / "run"),
+            "data": {"dataset": "grefcoco", "root": str(gref_root["root"]), "num_workers": 0},
+        }), device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    [metrics_file] = (out / "metrics").glob("epoch_*.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["num_samples"] == len(RefDataset(gref_root["root"], "grefcoco", split="val"))
 
 
 # ------------------------------------------------------------------------------------ data check
