@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from sharedris.modeling.beit3 import BEiT3, BEiT3Config
+from sharedris.precision import PRECISIONS, PrecisionError, autocast_context, prepare_model, resolve_precision
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], runs: int = 5, warmup: int = 1) -> dict[str, float]:
@@ -86,8 +88,39 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def _measure_model(name: str, runs: int, threads: int, throughput_batch: int) -> dict[str, float]:
-    """One model's figures; run in a fresh process so that its peak memory is its own."""
+def cpu_description() -> str:
+    """This CPU's model name and the instruction sets that decide bf16 and int8 speed, in one line.
+
+    Read from ``torch.cpu.get_capabilities()`` (torch's cpuinfo-based detection): AMX (``amx_bf16``),
+    AVX-512-BF16 (``avx512_bf16``), AVX2, and the kernel level torch dispatches to.
+    """
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    caps = get_capabilities() if get_capabilities is not None else {}
+
+    def has(flag: str) -> str:
+        if flag not in caps:
+            return "unknown"
+        return "yes" if caps[flag] is True else "no"
+
+    name = caps.get("cpu_name") or platform.processor() or "unknown CPU"
+    return (f"CPU {name}: AMX {has('amx_bf16')}, AVX-512-BF16 {has('avx512_bf16')}, AVX2 {has('avx2')}; "
+            f"torch {torch.__version__} kernels {torch.backends.cpu.get_cpu_capability()}")
+
+
+def concrete_precisions(precisions: Sequence[str]) -> list[str]:
+    """``precisions`` as the concrete CPU precisions they run (``auto`` resolved), in order, without repeats.
+
+    Raises:
+        PrecisionError: an unknown precision, or none at all.
+    """
+    if not precisions:
+        raise PrecisionError(f"no precision given; list one or more of {', '.join(PRECISIONS)}")
+    return list(dict.fromkeys(resolve_precision(p, "cpu") for p in precisions))
+
+
+def _measure_model(name: str, runs: int, threads: int, throughput_batch: int,
+                   precisions: list[str]) -> dict[str, object]:
+    """One model's figures at each concrete precision; run in a fresh process so that its peak memory is its own."""
     import resource
 
     from sharedris.modeling.registry import build_model, model_config
@@ -105,35 +138,63 @@ def _measure_model(name: str, runs: int, threads: int, throughput_batch: int) ->
         return torch.randn(batch, 3, S, S), ids, pad
 
     one, many = inputs(1), inputs(throughput_batch)
-    times = median_seconds({
-        "latency_s": lambda: model(*one),
-        "encoder_s": lambda: model.encoder.forward_intermediates(*one, model.taps),
-        "batch_s": lambda: model(*many),
-    }, runs=runs)
+    fns: dict[str, Callable[[], object]] = {}
+    for precision in precisions:
+        run, dtype = prepare_model(model, precision, "cpu")
+
+        def timed(fn: Callable[[], object], dtype: torch.dtype | None = dtype) -> Callable[[], object]:
+            def call() -> object:
+                with autocast_context("cpu", dtype):
+                    return fn()
+            return call
+
+        # Every precision's calls go into one dict: median_seconds calls them in turn each round, so
+        # the precisions of a model are timed alternately and their ratios stay meaningful under load.
+        fns[f"{precision}/latency"] = timed(lambda run=run: run(*one))
+        fns[f"{precision}/encoder"] = timed(lambda run=run: run.encoder.forward_intermediates(*one, run.taps))
+        fns[f"{precision}/batch"] = timed(lambda run=run: run(*many))
+    times = median_seconds(fns, runs=runs)
+    rows: dict[str, dict[str, float]] = {}
+    for precision in precisions:
+        latency, batch = times[f"{precision}/latency"], times[f"{precision}/batch"]
+        rows[precision] = {"latency_s": latency, "head_share": 1.0 - times[f"{precision}/encoder"] / latency,
+                           "throughput": throughput_batch / batch}
+        if "fp32" in precisions:
+            rows[precision]["latency_speedup"] = times["fp32/latency"] / latency
+            rows[precision]["throughput_speedup"] = times["fp32/batch"] / batch
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "encoder_params": sum(p.numel() for p in model.encoder.parameters()),
         "gflops": count_flops(lambda: model(*one)) / 1e9,
-        "latency_s": times["latency_s"],
-        "head_share": 1.0 - times["encoder_s"] / times["latency_s"],
-        "throughput": throughput_batch / times["batch_s"],
+        "precisions": rows,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
-def bench_models(names: list[str], runs: int = 3, threads: int = 2, throughput_batch: int = 8) -> dict[str, dict]:
-    """Size, FLOPs, latency, throughput and peak memory per model, each measured in its own process.
+def bench_models(names: list[str], runs: int = 3, threads: int = 2, throughput_batch: int = 8,
+                 precisions: Sequence[str] = ("fp32",)) -> dict[str, dict]:
+    """Size, FLOPs, and per precision latency, throughput and speed-up over fp32, per model on the CPU.
 
-    ``head_share`` is the fraction of the batch-1 forward time spent after the encoder
-    (Shared FPN + Mask Decoder).
+    Each model is measured in its own process (``peak_rss_mb`` is that process's peak, all its
+    precisions' copies of the model included); within it, the precisions are timed alternately
+    (see :func:`median_seconds`). Returns ``{name: {"params", "encoder_params", "gflops",
+    "peak_rss_mb", "precisions": {precision: {...}}}}``, keyed by the concrete precisions of
+    :func:`concrete_precisions`. Per precision: ``latency_s`` (batch 1), ``throughput`` (images/s
+    at ``throughput_batch``), ``head_share`` (the fraction of the batch-1 time spent after the
+    encoder: Shared FPN + Mask Decoder) and, when fp32 is among them, ``latency_speedup`` and
+    ``throughput_speedup`` (fp32 time / this precision's time).
+
+    Raises:
+        PrecisionError: an unknown precision; or int8 without torchao installed.
     """
     import multiprocessing as mp
 
+    concrete = concrete_precisions(precisions)
     ctx = mp.get_context("spawn")
     out = {}
     for name in names:
         with ctx.Pool(1) as pool:
-            out[name] = pool.apply(_measure_model, (name, runs, threads, throughput_batch))
+            out[name] = pool.apply(_measure_model, (name, runs, threads, throughput_batch, concrete))
     return out
 
 

@@ -96,16 +96,23 @@ def _int_list(text: str) -> list[int]:
 
 
 def _cmd_bench_model(args: argparse.Namespace) -> None:
-    from sharedris.benchmark import bench_models, bench_training
+    from sharedris.benchmark import bench_models, bench_training, concrete_precisions, cpu_description
+    from sharedris.precision import resolve_precision
 
-    rows = bench_models(args.models, runs=args.runs, threads=args.threads, throughput_batch=args.batch)
-    print(f"{args.threads} threads, median of {args.runs} runs, throughput at batch {args.batch}")
-    print(f"{'model':<16} {'params':>9} {'encoder':>9} {'GFLOPs':>8} {'latency':>9} {'head':>6} "
-          f"{'img/s':>7} {'peak RSS':>9}")
+    precisions = concrete_precisions(args.precision)  # an unknown name fails here, before any model work
+    print(cpu_description())
+    print(f"precisions: {', '.join(precisions)} (auto runs {resolve_precision('auto', 'cpu')} on this CPU); "
+          f"{args.threads} threads, median of {args.runs} runs, throughput at batch {args.batch}", flush=True)
+    rows = bench_models(args.models, runs=args.runs, threads=args.threads, throughput_batch=args.batch,
+                        precisions=precisions)
+    print(f"{'model':<16} {'params':>9} {'encoder':>9} {'GFLOPs':>8} {'precision':>9} {'latency':>9} {'x fp32':>7} "
+          f"{'head':>6} {'img/s':>7} {'x fp32':>7} {'peak RSS':>9}")
     for name, r in rows.items():
-        print(f"{name:<16} {r['params'] / 1e6:8.1f}M {r['encoder_params'] / 1e6:8.1f}M {r['gflops']:8.1f} "
-              f"{r['latency_s'] * 1000:7.0f}ms {r['head_share'] * 100:5.1f}% {r['throughput']:7.2f} "
-              f"{r['peak_rss_mb']:7.0f}MB")
+        for precision, p in r["precisions"].items():
+            ratios = [f"x{p[key]:.2f}" if key in p else "-" for key in ("latency_speedup", "throughput_speedup")]
+            print(f"{name:<16} {r['params'] / 1e6:8.1f}M {r['encoder_params'] / 1e6:8.1f}M {r['gflops']:8.1f} "
+                  f"{precision:>9} {p['latency_s'] * 1000:7.0f}ms {ratios[0]:>7} {p['head_share'] * 100:5.1f}% "
+                  f"{p['throughput']:7.2f} {ratios[1]:>7} {r['peak_rss_mb']:7.0f}MB")
     if args.train_steps:
         sps = bench_training(steps=args.train_steps, threads=args.threads)
         rows["train_sharedris_tiny_samples_per_s"] = sps
@@ -315,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--runs", type=int, default=3, help="timed runs per model (the median is reported)")
     bm.add_argument("--batch", type=int, default=8, help="batch size of the throughput measurement")
     bm.add_argument("--threads", type=int, default=2, help="torch threads")
+    bm.add_argument("--precision", type=lambda s: [x for x in s.split(",") if x], default="fp32",
+                    help="comma-separated precisions (fp32, bf16, int8, auto), timed alternately in one process; "
+                         "ratios are against fp32 when it is listed")
     bm.add_argument("--train-steps", type=int, default=10, help="steps of the tiny training measurement (0 = skip)")
     bm.add_argument("--json", action="store_true", help="also print the rows as JSON")
     bm.set_defaults(func=_cmd_bench_model)

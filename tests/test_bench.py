@@ -1,0 +1,42 @@
+"""`sharedris bench model`: one row per model and precision, with ratios against fp32."""
+
+import json
+
+import pytest
+
+from sharedris.cli import main
+
+
+@pytest.mark.slow
+def test_bench_model_reports_every_precision_with_ratios(capsys):
+    pytest.importorskip("torchao")
+    main(["bench", "model", "--models", "sharedris_tiny", "--precision", "fp32,bf16,int8,auto", "--runs", "1",
+          "--batch", "2", "--threads", "1", "--train-steps", "0", "--json"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("CPU ") and "AVX-512-BF16" in lines[0] and "AMX" in lines[0]
+    assert "auto runs" in lines[1]
+    rows = json.loads(lines[-1])["sharedris_tiny"]["precisions"]
+    assert list(rows) == ["fp32", "bf16", "int8"]  # auto is fp32 or bf16: listed once
+    for row in rows.values():
+        assert row["latency_s"] > 0 and row["throughput"] > 0
+        assert row["latency_speedup"] > 0 and row["throughput_speedup"] > 0
+    assert rows["fp32"]["latency_speedup"] == 1.0
+    table = [line.split() for line in lines if line.startswith("sharedris_tiny")]
+    assert [cells[4] for cells in table] == ["fp32", "bf16", "int8"]
+    assert all(cells[6].startswith("x") and cells[9].startswith("x") for cells in table)
+
+
+def test_bench_model_without_fp32_reports_no_ratios(capsys):
+    main(["bench", "model", "--models", "sharedris_tiny", "--precision", "bf16", "--runs", "1", "--batch", "1",
+          "--threads", "1", "--train-steps", "0", "--json"])
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])["sharedris_tiny"]["precisions"]["bf16"]
+    assert "latency_speedup" not in row and row["latency_s"] > 0
+
+
+@pytest.mark.parametrize("precision", ["fp16", ","])
+def test_bench_model_bad_precision_is_one_sentence(capsys, precision):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "model", "--models", "sharedris_tiny", "--precision", precision])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == ""
+    assert captured.err.startswith("sharedris bench: error: ") and captured.err.count("\n") == 1
