@@ -419,7 +419,8 @@ class RefDataset:
                 raise ReferError(f"annotation {ann_id} in {self.root / self.dataset / 'instances.json'} "
                                  f"cannot be decoded: {e}") from None
         return {"image": image, "mask": mask, "text": text, "ann_ids": list(ann_ids), "group": "",
-                "no_target": not ann_ids, "ref_id": ref_id, "sent_id": sent_id, "image_id": image_id, "split": self.split}
+                "no_target": not ann_ids, "ref_id": ref_id, "sent_id": sent_id, "image_id": image_id,
+                "split": self.split}
 
     @staticmethod
     def _read_image(path: Path, height: int, width: int) -> Image.Image:
