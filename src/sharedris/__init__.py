@@ -21,6 +21,7 @@ _EXPORTS = {
     "save_pretrained": "sharedris.modeling.pretrained",
     "Predictor": "sharedris.predictor",
     "Prediction": "sharedris.predictor",
+    "predict_manifest": "sharedris.bulk",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

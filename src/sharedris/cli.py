@@ -165,17 +165,36 @@ def _log_precision(asked: str, chosen: str, device) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
+    from sharedris import bulk
+
+    device = resolve_device(args.device)
+    if args.manifest is None and bulk.is_single_image(args.image):
+        if not args.text:
+            raise UserError("give at least one expression with -t")
+        return _predict_one(args, args.image[0], device)
+    if args.manifest is not None and (args.image or args.text):
+        raise UserError("--manifest rows name their own images and expressions; drop the images and -t")
+    if args.manifest is None and not args.image:
+        raise UserError("give an image, several images, a folder, a glob pattern or --manifest FILE")
+    if args.manifest is None and not args.text:
+        raise UserError("give at least one expression with -t; it applies to every image")
+    _predict_bulk(args, device)
+
+
+def _predict_one(args: argparse.Namespace, image_path: str, device: torch.device) -> None:
+    """One image: mask and overlay PNGs named from each phrase, a line (or JSON) per phrase."""
     from sharedris.data.images import load_image
     from sharedris.predictor import Predictor
     from sharedris.render import encode_rle, overlay
+    from sharedris.text import validate_texts
 
-    device = resolve_device(args.device)
-    image = load_image(args.image)
+    validate_texts(args.text)  # before any model work
+    image = load_image(image_path)
     out = _out_dir(args.out_dir)
     predictor = Predictor(_load_model(args.model, device), device=device, precision=args.precision)
     _log_precision(args.precision, predictor.precision, device)
     pred = predictor.predict(image, args.text)
-    stem = Path(args.image).stem
+    stem = Path(image_path).stem
     results = []
     for text, slug, mask, score in zip(args.text, _slugs(args.text), pred.masks, pred.scores):
         mask_path, overlay_path = out / f"{stem}__{slug}_mask.png", out / f"{stem}__{slug}_overlay.png"
@@ -184,10 +203,40 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         results.append({"text": text, "score": round(float(score), 4), "mask_png": str(mask_path),
                         "overlay_png": str(overlay_path), "rle": encode_rle(mask)})
     if args.json:
-        print(json.dumps({"image": args.image, "height": image.height, "width": image.width, "results": results}))
+        print(json.dumps({"image": image_path, "height": image.height, "width": image.width, "results": results}))
     else:
         for r in results:
             print(f"{r['score']:.3f}  {r['text']!r} -> {r['mask_png']}, {r['overlay_png']}")
+
+
+def _predict_bulk(args: argparse.Namespace, device: torch.device) -> None:
+    """Many images or a manifest: results.jsonl (and errors.jsonl) in the output folder, resumable."""
+    from sharedris.bulk import image_rows, predict_manifest, rank_device, read_manifest
+    from sharedris.predictor import Predictor
+    from sharedris.train.distributed import cleanup_distributed
+
+    manifest = read_manifest(args.manifest if args.manifest is not None else image_rows(args.image, args.text))
+    out = _out_dir(args.out_dir)
+    device = rank_device(device)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    try:
+        predictor = Predictor(_load_model(args.model, "cpu"), device=device, precision=args.precision)
+        if main_rank:
+            _log_precision(args.precision, predictor.precision, device)
+        summary = predict_manifest(predictor, manifest, out, batch_size=args.batch_size, workers=args.workers,
+                                   save_png=args.save_png)
+    finally:
+        cleanup_distributed()
+    if not main_rank:
+        return
+    if args.json:
+        print(json.dumps({"written": summary.written, "skipped": summary.skipped, "failed": summary.failed,
+                          "results": str(summary.results), "errors": str(summary.errors)}))
+    else:
+        print(f"{summary.written} pair(s) written, {summary.skipped} skipped as already done, "
+              f"{summary.failed} row(s) failed -> {summary.results}")
+    if summary.failed:
+        raise UserError(f"{summary.failed} row(s) failed; their reasons are in {summary.errors}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -339,14 +388,26 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=1e-4 epochs=3")
     tr.set_defaults(func=_cmd_train)
 
-    pr = sub.add_parser("predict", help="segment what each expression refers to in an image")
-    pr.add_argument("image", help="image file (any format Pillow reads)")
-    pr.add_argument("-t", "--text", action="append", required=True, help="an expression; repeat for more")
-    pr.add_argument("-o", "--out-dir", default="predictions", help="where to write mask and overlay PNGs")
+    pr = sub.add_parser("predict", help="segment what each expression refers to in an image, many images or a manifest",
+                        description="One image: mask and overlay PNGs per expression. Several images, a folder, a "
+                                    "glob pattern or --manifest: results.jsonl (COCO RLE masks) in the output "
+                                    "folder, resumable, also under torchrun (see docs/bulk.md).")
+    pr.add_argument("image", nargs="*", help="image file(s) (any format Pillow reads), folder(s) of images or "
+                                             "glob pattern(s)")
+    pr.add_argument("-t", "--text", action="append", help="an expression, applied to every image; repeat for more")
+    pr.add_argument("--manifest", default=None, help="JSON Lines (image, texts, id) or CSV (image,text[,id]) file "
+                                                     "of rows to segment, instead of images and -t")
+    pr.add_argument("-o", "--out-dir", default="predictions",
+                    help="where to write mask and overlay PNGs (one image) or results.jsonl and errors.jsonl")
     pr.add_argument("--model", default="default", help="'default' or a checkpoint folder")
-    pr.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    pr.add_argument("--device", default="cpu", help=DEVICE_HELP + " (under torchrun each rank takes cuda:LOCAL_RANK)")
     pr.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    pr.add_argument("--json", action="store_true", help="print results (COCO RLE masks, scores) as JSON")
+    pr.add_argument("--batch-size", type=int, default=16,
+                    help="bulk: (image, expression) pairs per forward pass, from several images")
+    pr.add_argument("--workers", type=int, default=2, help="bulk: image decoding processes (0 = in this one)")
+    pr.add_argument("--save-png", action="store_true", help="bulk: also write mask and overlay PNGs per pair")
+    pr.add_argument("--json", action="store_true", help="print results (COCO RLE masks, scores) as JSON; bulk: "
+                                                       "the summary")
     pr.set_defaults(func=_cmd_predict)
 
     ev = sub.add_parser("eval", help="oIoU / mIoU / Prec@X on a dataset split")
