@@ -1,0 +1,261 @@
+"""Bulk prediction (`sharedris predict --manifest`, folders, globs, `predict_manifest`): every good pair
+once in manifest order, bad rows in errors.jsonl, resume after a kill, the same output under torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny_model import scene
+
+import sharedris
+from sharedris.bulk import BadRow, ManifestError, Row, predict_manifest, read_manifest
+from sharedris.modeling.pretrained import load_pretrained
+from sharedris.predictor import Predictor
+from sharedris.render import encode_rle
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+TEXTS = ["the red box", "the left one"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread, as in the subprocesses (OMP_NUM_THREADS=1), so that in-process reference
+    runs use the same kernels as the command line."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fp32(model_dir):
+    return Predictor(load_pretrained(model_dir), precision="fp32")
+
+
+def _write_dataset(root: Path, good_rows: int) -> tuple[Path, list[int]]:
+    """``good_rows`` rows of 2 expressions on small PNGs, with 10 bad rows spread among them.
+
+    Returns the manifest and the line numbers of the bad rows.
+    """
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "notes.png").write_text("not an image\n")  # unreadable image file
+    bad = [
+        "{\"image\": \"img/0.png\", \"texts\": [\"the red",  # malformed JSON
+        "not json at all",  # malformed JSON
+        json.dumps([1, 2]),  # not an object
+        json.dumps({"image": "img/missing.png", "texts": TEXTS}),  # missing image
+        json.dumps({"image": "/nonexistent/dir/x.png", "texts": TEXTS}),  # missing image
+        json.dumps({"image": "img/notes.png", "texts": TEXTS}),  # unreadable image
+        json.dumps({"image": "img/1.png", "texts": ["the box", ""]}),  # empty text
+        json.dumps({"image": "img/1.png", "texts": "   "}),  # blank text
+        json.dumps({"image": "img/2.png"}),  # no texts
+        json.dumps({"texts": TEXTS}),  # no image
+    ]
+    lines, bad_lines = [], []
+    every = max(1, good_rows // len(bad))
+    for i in range(good_rows):
+        scene(24 + i % 5, 16 + i % 3, seed=i).save(root / "img" / f"{i}.png")
+        lines.append(json.dumps({"image": f"img/{i}.png", "texts": TEXTS}))
+        if i % every == every // 2 and len(bad_lines) < len(bad):
+            lines.append(bad[len(bad_lines)])
+            bad_lines.append(len(lines))
+    assert len(bad_lines) == len(bad)
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest, bad_lines
+
+
+def _results(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _errors(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sharedris", "predict", *args]
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_cli(*args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+# ----------------------------------------------------------------------------------- manifests
+def test_manifest_rows_are_checked_one_by_one(tmp_path):
+    manifest, bad_lines = _write_dataset(tmp_path, good_rows=20)
+    rows = read_manifest(manifest).rows
+    bad = [r for r in rows if isinstance(r, BadRow)]
+    assert [r.line for r in bad] == bad_lines[:3] + bad_lines[6:]  # image problems show up only when decoding
+    assert all(r.reason and "\n" not in r.reason for r in bad)
+    with pytest.raises(ManifestError, match="unknown format"):
+        read_manifest(tmp_path / "img" / "0.png")
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_manifest(tmp_path / "nope.jsonl")
+
+
+def test_duplicate_ids_are_bad_rows():
+    rows = read_manifest([{"image": "a.png", "texts": ["x"], "id": "a"}, {"image": "b.png", "texts": ["y"], "id": "a"},
+                          {"image": "c.png", "texts": ["z"], "id": 1}, {"image": "d.png", "texts": ["w"]}]).rows
+    assert rows[1].reason == "id 'a' is already used by line 1; ids must be unique"
+    assert isinstance(rows[2], Row) and rows[2].id == 1
+    assert isinstance(rows[3], Row) and rows[3].id == 4  # no id: the line number
+
+
+# -------------------------------------------------------------------------------- kill + resume
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_writes_every_good_pair_once(tmp_path, model_dir, fp32):
+    manifest, bad_lines = _write_dataset(tmp_path, good_rows=160)  # 320 good pairs, 10 bad rows
+    summary = predict_manifest(fp32, manifest, tmp_path / "reference", batch_size=8, workers=0, show_progress=False)
+    assert (summary.written, summary.skipped, summary.failed) == (320, 0, 10)
+    reference = _results(tmp_path / "reference")
+
+    args = ["--manifest", str(manifest), "-o", "out", "--model", str(model_dir), "--precision", "fp32",
+            "--workers", "1", "--batch-size", "4"]
+    proc = subprocess.Popen(_cli(*args), cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    results = tmp_path / "out" / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while not (results.exists() and results.read_bytes().count(b"\n") >= 30) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = results.read_bytes().count(b"\n")
+    assert 30 <= first < 320
+
+    rerun = _run(*args, cwd=tmp_path)
+    assert rerun.returncode == 2, rerun.stderr
+    assert "10 row(s) failed" in rerun.stderr and f"{first} skipped as already done" in rerun.stdout
+    got = _results(tmp_path / "out")
+    assert [(r["id"], r["text_index"]) for r in got] == [(r["id"], r["text_index"]) for r in reference]
+    assert got == reference  # same masks, scores and order as the run that was never interrupted
+    errors = _errors(tmp_path / "out")
+    assert [e["line"] for e in errors] == bad_lines and _errors(tmp_path / "reference") == errors
+
+
+def test_torn_last_line_is_dropped_on_resume(tmp_path, fp32):
+    rows = [{"image": str(tmp_path / f"{i}.png"), "texts": TEXTS, "id": f"img-{i}"} for i in range(6)]
+    for i in range(6):
+        scene(20, 14, seed=i).save(tmp_path / f"{i}.png")
+    predict_manifest(fp32, rows, tmp_path / "ref", workers=0, show_progress=False)
+    reference = (tmp_path / "ref" / "results.jsonl").read_text()
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = reference.splitlines(keepends=True)
+    (out / "results.jsonl").write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])  # killed mid-write
+    summary = predict_manifest(fp32, rows, out, workers=0, show_progress=False)
+    assert (summary.written, summary.skipped, summary.failed) == (7, 5, 0)
+    assert (out / "results.jsonl").read_text() == reference
+
+
+# ----------------------------------------------------------------------------------- torchrun
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process(tmp_path, model_dir):
+    manifest, bad_lines = _write_dataset(tmp_path, good_rows=25)
+    args = ["--manifest", str(manifest), "--model", str(model_dir), "--precision", "fp32", "--workers", "0",
+            "--batch-size", "4"]
+    single = _run(*args, "-o", "single", cwd=tmp_path)
+    assert single.returncode == 2, single.stderr
+    ddp = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                          f"--master_port={_free_port()}", "-m", "sharedris", "predict", *args, "-o", "ddp",
+                          "--device", "cpu"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode != 0  # rank 0 exits 2: rows failed
+    assert "50 pair(s) written, 0 skipped as already done, 10 row(s) failed" in ddp.stdout, ddp.stderr[-3000:]
+    assert (tmp_path / "ddp" / "results.jsonl").read_text() == (tmp_path / "single" / "results.jsonl").read_text()
+    assert _errors(tmp_path / "ddp") == _errors(tmp_path / "single")
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["errors.jsonl", "results.jsonl"]
+
+
+# ------------------------------------------------------------------------------ other inputs
+def test_csv_manifest(tmp_path, model_dir, fp32):
+    for i in range(3):
+        scene(20, 14, seed=i).save(tmp_path / f"{i}.png")
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "text", "id"])
+        writer.writerows([["0.png", "the red box", "a"], ["0.png", "the left one, big", "b"], ["1.png", "x"],
+                          ["2.png", "", "d"], ["2.png", "the box", ""]])
+    result = _run("--manifest", "pairs.csv", "-o", "out", "--model", str(model_dir), "--precision", "fp32",
+                  "--workers", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    got = _results(tmp_path / "out")
+    assert [(r["id"], r["text_index"], r["text"]) for r in got] == [("a", 0, "the red box"),
+                                                                    ("b", 0, "the left one, big"), (6, 0, "the box")]
+    assert [(e["line"], e["reason"].split(";")[0]) for e in _errors(tmp_path / "out")] == [
+        (4, "the row has 2 field(s) but the header has 3"), (5, "expression 1 is empty")]
+    same = fp32.predict(tmp_path / "0.png", ["the red box", "the left one, big"])
+    assert [r["rle"] for r in got[:2]] == [encode_rle(m) for m in same.masks]
+    (tmp_path / "bad.csv").write_text("path,text\na.png,x\n")
+    with pytest.raises(ManifestError, match="no 'image' column"):
+        read_manifest(tmp_path / "bad.csv")
+
+
+def test_folder_input_with_pngs(tmp_path, model_dir):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("b.png", "a.jpg", "c.PNG"):
+        scene(22, 18, seed=len(name)).save(folder / name)
+    (folder / "notes.txt").write_text("skip me")
+    result = _run("photos", "-t", "the red box", "-t", "the left one", "-o", "out", "--model", str(model_dir),
+                  "--workers", "1", "--save-png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "6 pair(s) written, 0 skipped as already done, 0 row(s) failed" in result.stdout
+    got = _results(tmp_path / "out")
+    assert [(r["image"], r["text_index"]) for r in got] == [(f"photos/{n}", k) for n in ("a.jpg", "b.png", "c.PNG")
+                                                            for k in (0, 1)]
+    assert all((r["height"], r["width"]) == (18, 22) and (tmp_path / r["overlay_png"]).is_file() for r in got)
+    assert _errors(tmp_path / "out") == []
+
+
+def test_glob_input_and_rerun_skips_everything(tmp_path, model_dir):
+    for i in range(3):
+        scene(20, 16, seed=i).save(tmp_path / f"shot{i}.png")
+    scene(20, 16).save(tmp_path / "other.png")
+    args = ["shot*.png", "-t", "the red box", "-o", "out", "--model", str(model_dir), "--workers", "0", "--json"]
+    first = _run(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["written"] == 3
+    assert [r["image"] for r in _results(tmp_path / "out")] == ["shot0.png", "shot1.png", "shot2.png"]
+    again = _run(*args, cwd=tmp_path)
+    assert (json.loads(again.stdout)["written"], json.loads(again.stdout)["skipped"]) == (0, 3)
+    nothing = _run("nope*.png", "-t", "x", "--model", str(model_dir), cwd=tmp_path)
+    assert nothing.returncode == 2 and "matches no file" in nothing.stderr
+
+
+def test_python_api(tmp_path, model_dir):
+    assert "predict_manifest" in sharedris.__all__
+    for i in range(4):
+        scene(20, 16, seed=i).save(tmp_path / f"{i}.png")
+    rows = [{"image": str(tmp_path / f"{i}.png"), "texts": TEXTS[: 1 + i % 2]} for i in range(4)]
+    rows.append({"image": str(tmp_path / "missing.png"), "texts": ["x"]})
+    model = load_pretrained(model_dir)
+    summary = sharedris.predict_manifest(model, rows, tmp_path / "out", batch_size=3, workers=0,
+                                         show_progress=False)
+    assert (summary.written, summary.skipped, summary.failed) == (6, 0, 1)
+    assert summary.results == tmp_path / "out" / "results.jsonl"
+    assert [e["line"] for e in _errors(tmp_path / "out")] == [5]
+    rows[4]["image"] = str(tmp_path / "0.png")  # fixed: only that row runs again
+    summary = sharedris.predict_manifest(model, rows, tmp_path / "out", workers=0, show_progress=False)
+    assert (summary.written, summary.skipped, summary.failed) == (1, 6, 0)
+    assert _errors(tmp_path / "out") == []
+    with pytest.raises(ValueError, match="batch size"):
+        sharedris.predict_manifest(model, rows, tmp_path / "out", batch_size=0)
