@@ -1,0 +1,87 @@
+"""Bulk prediction (`predict_manifest`: decoding workers, pairs of several images per forward pass)
+vs a Python loop calling `Predictor.predict` image by image, on the same pairs, side by side.
+
+    python benchmarks/bulk_vs_loop.py --threads 2
+
+Generated synthetic scenes are written as PNG files (so that decoding costs what it costs on real
+data), every image gets the same expressions, and both ways produce the same output: COCO RLE
+masks as JSON lines. The two take turns on rounds of images (each bulk round starts its own
+workers), so both see the same load. Prints pairs per second both ways and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sharedris.bulk import predict_manifest
+from sharedris.data.synthetic import SyntheticRefScenes
+from sharedris.modeling.pretrained import load_pretrained
+from sharedris.predictor import Predictor
+from sharedris.render import encode_rle
+
+TEXTS = ["the purple diamond", "the green triangle on the left"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default", help="'default' or a checkpoint folder")
+    parser.add_argument("--images", type=int, default=250)
+    parser.add_argument("--size", default="320x240", help="WxH of the generated PNGs")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
+    parser.add_argument("--workers", type=int, default=2, help="bulk: decoding worker processes")
+    parser.add_argument("--batch-size", type=int, default=16, help="bulk: pairs per forward pass")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--rounds", type=int, default=5, help="turns each way (the images split into this many rounds)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    predictor = Predictor(load_pretrained(args.model), precision=args.precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        scenes = SyntheticRefScenes("test", size=max(width, height), length=args.images, seed=0)
+        paths = []
+        for i in range(args.images):
+            path = root / f"{i:04d}.png"
+            scenes[i]["image"].resize((width, height)).save(path)
+            paths.append(path)
+        pairs = len(paths) * len(TEXTS)
+
+        predictor.predict(paths[0], TEXTS)  # warm-up
+        # the two ways take turns on rounds of images, so that both see the same load on a shared machine
+        seconds = {"loop": 0.0, "bulk": 0.0}
+        step = -(-len(paths) // args.rounds)
+        with open(root / "loop.jsonl", "w") as f:
+            for r, first in enumerate(range(0, len(paths), step)):
+                chunk = paths[first:first + step]
+                for way in (("loop", "bulk") if r % 2 == 0 else ("bulk", "loop")):
+                    start = time.perf_counter()
+                    if way == "loop":
+                        for path in chunk:
+                            pred = predictor.predict(path, TEXTS)
+                            for k, (mask, score) in enumerate(zip(pred.masks, pred.scores)):
+                                f.write(json.dumps({"id": str(path), "text_index": k, "score": round(float(score), 4),
+                                                    "rle": encode_rle(mask)}) + "\n")
+                    else:
+                        summary = predict_manifest(predictor, [{"image": str(p), "texts": TEXTS} for p in chunk],
+                                                   root / f"bulk{r}", batch_size=args.batch_size, workers=args.workers,
+                                                   show_progress=False)
+                        assert summary.written == len(chunk) * len(TEXTS)
+                    seconds[way] += time.perf_counter() - start
+        loop, bulk = pairs / seconds["loop"], pairs / seconds["bulk"]
+
+    print(f"model {args.model}, {args.images} images of {width}x{height} PNG x {len(TEXTS)} expressions = "
+          f"{pairs} pairs, {args.threads} torch threads, precision {predictor.precision}")
+    print(f"  loop of Predictor.predict:              {loop:7.1f} pairs/s")
+    print(f"  predict_manifest ({args.workers} workers, batch {args.batch_size}): {bulk:7.1f} pairs/s")
+    print(f"  ratio: x{bulk / loop:.2f}")
+
+
+if __name__ == "__main__":
+    main()
