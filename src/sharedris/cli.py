@@ -335,8 +335,6 @@ def _cmd_fetch_data(args: argparse.Namespace) -> None:
                                                           else ""))
     if not (root / "images" / "train2014").is_dir():
         print(f"annotations ready in {root / args.dataset}; images/train2014 not fetched (--skip-images)")
-    elif args.dataset == "grefcoco":
-        print(f"ok: {root} holds the gRefCOCO files and images/train2014 (their content is not checked yet)")
     else:  # the same check as `sharedris data check`, with its defaults
         check = build_parser().parse_args(["data", "check", "--root", str(root), "--dataset", args.dataset])
         check.func(check)
@@ -436,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     dc = data_sub.add_parser("check", help="check a refer-format data root (files, images, masks, counts)")
-    dc.add_argument("--root", required=True, help="folder holding refcoco/, refcoco+/, refcocog/ and images/")
-    dc.add_argument("--dataset", default=None, help="refcoco, refcoco+ or refcocog (default: every one present)")
+    dc.add_argument("--root", required=True, help="folder holding refcoco/, refcoco+/, refcocog/, grefcoco/ and images/")
+    dc.add_argument("--dataset", default=None, help="refcoco, refcoco+, refcocog or grefcoco (default: every one present)")
     dc.add_argument("--split-by", default=None, help="unc, umd or google (default: every refs file present)")
     dc.add_argument("--image-root", default=None, help="default: <root>/images/train2014")
     dc.set_defaults(func=_cmd_data_check)
