@@ -131,7 +131,7 @@ def test_fetch_data_end_to_end(server, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["fetch", "weights", "beit3_huge"], "unknown weights 'beit3_huge'"),
     (["fetch", "data", "refcoco", "--root", "{tmp}", "--url", "nope.zip=http://127.0.0.1:9/x"], "'nope.zip'"),
-    (["fetch", "weights", "beit3_base", "--dir", "{tmp}/a_file/sub"], "cannot create the folder"),
+    (["fetch", "weights", "beit3_base", "--dir", "{tmp}/a_file/sub"], "cannot create folder"),
 ])
 def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")

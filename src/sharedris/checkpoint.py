@@ -1,4 +1,4 @@
-"""Crash-safe file writing and the training-resume file.
+"""Crash-safe file writing, output folders, and the training-resume file.
 
 Every file is written to a temporary name in the same folder, flushed to disk, then renamed over
 the target: a crash mid-write leaves the previous file intact, never a truncated one.
@@ -13,6 +13,31 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+
+class FolderError(ValueError):
+    """A folder that cannot be created or written to; the message names it and says why."""
+
+
+def writable_dir(path: str | Path, what: str = "folder") -> Path:
+    """Create ``path`` (and its parents) if needed and check that files can be written there.
+
+    Call it before long work, so that a bad output path fails first. ``what`` names the folder in
+    the message ("output folder").
+
+    Raises:
+        FolderError: ``path`` is a file, cannot be created, or is not writable.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FolderError(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FolderError(f"cannot create {what} {path} ({(e.strerror or str(e)).lower()})") from None
+    if not os.access(path, os.W_OK):
+        raise FolderError(f"{what} {path} is not writable")
+    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -50,16 +50,12 @@ def iter_parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argpars
 
 def _out_dir(path: str) -> Path:
     """The output folder ``path``, created now, so that a bad path fails before any model work."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output folder {out} is a file, not a folder; pass a folder with -o")
+    from sharedris.checkpoint import FolderError, writable_dir
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {out} ({(e.strerror or str(e)).lower()})") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"output folder {out} is not writable; pass another folder with -o")
-    return out
+        return writable_dir(path, "output folder")
+    except FolderError as e:
+        raise UserError(f"{e}; pass another folder with -o") from None
 
 
 def _slugs(texts: Sequence[str], max_chars: int = 60) -> list[str]:

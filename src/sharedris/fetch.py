@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from sharedris.checkpoint import writable_dir
 from sharedris.data.refer import SPLIT_BYS
 from sharedris.download import DownloadError, Remote, download
 
@@ -88,21 +89,6 @@ def resolve_remotes(names: Sequence[str], overrides: Sequence[str] = ()) -> dict
                                 f"valid names: {', '.join(remotes)}")
         remotes[name] = replace(remotes[name], urls=(url,))
     return remotes
-
-
-def writable_dir(path: Path) -> Path:
-    """Create ``path`` if needed and make sure files can be written there.
-
-    Raises:
-        DownloadError: it cannot be created or written to.
-    """
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DownloadError(f"cannot create the folder {path} ({e.strerror or e})") from None
-    if not os.access(path, os.W_OK):
-        raise DownloadError(f"cannot write to the folder {path} (permission denied)")
-    return path
 
 
 def _get(remote: Remote, dest: Path, echo: Callable[[str], None]) -> Path:
