@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -15,11 +16,13 @@ import pytest
 from PIL import Image, ImageDraw
 
 from sharedris.data.config import DataConfig
+from sharedris.data.refer import RefDataset, decode_segmentation
 from sharedris.data.registry import build_source
 from sharedris.data.synthetic import (
     COLOUR_JITTER,
     COLOURS,
     FAMILIES,
+    GENERAL_FAMILIES,
     MARGIN,
     NOISE,
     SHAPES,
@@ -73,7 +76,8 @@ def test_sample_structure() -> None:
         assert s["mask"].dtype == bool and s["mask"].shape == (SIZE, SIZE)
         assert set(s) == SyntheticSample.__required_keys__ | SyntheticSample.__optional_keys__
         assert s["family"] in FAMILIES and s["text"] == s["texts"][0] and s["text"].strip()
-        assert s["ann_ids"] == [s["target"]] and s["group"] == s["family"]
+        assert s["ann_ids"] == s["targets"] == [s["target"]] and s["group"] == s["family"]
+        assert s["no_target"] is False
         assert len(s["texts"]) == len(set(s["texts"]))
         assert 3 <= len(s["objects"]) <= 6
         assert np.array_equal(s["mask"], s["labels"] == s["target"] + 1)
@@ -227,8 +231,9 @@ def test_training_options_apply_to_the_training_split_only() -> None:
     cfg = DataConfig(synthetic_train_families=("relation",), synthetic_fresh_epochs=True, shuffle_texts=True)
     train, val = build_source(cfg, "train", train=True), build_source(cfg, "val", train=False)
     assert (train.families, train.fresh_epochs, train.shuffle_texts) == (("relation",), True, True)
-    assert (val.families, val.fresh_epochs, val.shuffle_texts) == (FAMILIES, False, False)
-    assert train.groups == val.groups == FAMILIES  # evaluation reports every family, whatever was drawn
+    assert (val.families, val.fresh_epochs, val.shuffle_texts) == (GENERAL_FAMILIES, False, False)
+    assert val.balanced and not train.balanced
+    assert train.groups == val.groups == GENERAL_FAMILIES  # evaluation reports every family, whatever was drawn
 
 
 def test_bad_arguments_raise() -> None:
@@ -238,6 +243,151 @@ def test_bad_arguments_raise() -> None:
         SyntheticRefScenes("train", families=["colour"])
     with pytest.raises(ValueError, match="families"):
         SyntheticRefScenes("train", families=[])
+
+
+# Digests of the first 40 scenes (96 px) of these (split, seed, families), recorded before the
+# generalised families existed: the four target families must keep drawing the very same scenes.
+_RECORDED = {
+    ("train", 0, FAMILIES): "04c8fab8999c89eb",
+    ("val", 0, FAMILIES): "63eb9d67552423ae",
+    ("test", 3, ("colour_shape",)): "b843445773adb436",
+    ("train", 1, ("size",)): "08ef9260860aa2ae",
+    ("testA", 2, ("position",)): "87b8772278acd3d9",
+    ("testB", 0, ("relation",)): "58a3093090bfda95",
+    ("train", 0, ("colour_shape", "colour_shape", "size", "position", "relation", "relation")): "75186b0373f48044",
+}
+
+
+@pytest.mark.parametrize("split,seed,families", list(_RECORDED))
+def test_target_family_scenes_are_unchanged(split: str, seed: int, families: tuple[str, ...]) -> None:
+    digest = hashlib.sha256()
+    ds = SyntheticRefScenes(split, size=96, length=40, seed=seed, families=families)
+    for i in range(len(ds)):
+        s = ds[i]
+        digest.update(s["image"].tobytes())
+        digest.update(np.packbits(s["mask"]).tobytes())
+        digest.update(json.dumps([s["texts"], s["family"], s["objects"], s["anchor"], s["ann_ids"]]).encode())
+    assert digest.hexdigest()[:16] == _RECORDED[split, seed, families]
+
+
+def _matching(objects: list[dict[str, Any]], words: list[str]) -> list[int]:
+    """Objects of the shape named in ``words`` (singular or plural) and of its colour if one is named."""
+    shape = next(w if w in SHAPES else w[:-1] for w in words if w in SHAPES or w[:-1] in SHAPES)
+    colours = [w for w in words if w in COLOURS]
+    return [k for k, o in enumerate(objects) if o["shape"] == shape and o["colour"] in (colours or [o["colour"]])]
+
+
+_RELATION = re.compile(r" (?:closest to|next to|nearest to|farthest from|furthest from|far from) the ")
+_C, _S = "|".join(COLOURS), "|".join(SHAPES)
+_COLOUR_SHAPE = re.compile(rf"(?:the )?({_C}) ({_S})(?: in the picture)?|the ({_S}) that is ({_C})")
+
+
+def test_no_target_scenes_lack_the_referent() -> None:
+    ds = SyntheticRefScenes("test", size=SIZE, length=PER_FAMILY * 4, seed=2, families=["no_target"])
+    sources = set()
+    for i in range(len(ds)):
+        s = ds[i]
+        assert s["family"] == s["group"] == "no_target" and s["no_target"] is True
+        assert s["ann_ids"] == s["targets"] == [] and s["target"] is None and s["anchor"] is None
+        assert not s["mask"].any() and 3 <= len(s["objects"]) <= 6
+        for text in s["texts"]:
+            head, *anchor = _RELATION.split(text)
+            missing_head = not _matching(s["objects"], head.split())
+            assert missing_head or (anchor and not _matching(s["objects"], anchor[0].split()))
+            pair = _COLOUR_SHAPE.fullmatch(text)
+            if pair:  # "the red circle": red things and circles stay
+                colour, shape = (pair[1], pair[2]) if pair[1] else (pair[4], pair[3])
+                assert any(o["colour"] == colour for o in s["objects"])
+                assert any(o["shape"] == shape for o in s["objects"])
+            sources.add("relation" if anchor else "colour_shape" if pair else "other")
+    assert sources == {"relation", "colour_shape", "other"}
+
+
+def test_no_target_texts_are_drawn_as_target_texts() -> None:
+    # Scene n of no_target has the very expression of scene n of the four target families ...
+    n = 300
+    absent = SyntheticRefScenes("val", size=64, length=n, seed=1, families=["no_target"])
+    present = SyntheticRefScenes("val", size=64, length=n, seed=1)
+    absent_texts = [absent[i]["text"] for i in range(n)]
+    assert absent_texts == [present[i]["text"] for i in range(n)]
+    # ... so, among independent scenes, the same texts turn up with and without a referent.
+    others = {SyntheticRefScenes("train", size=64, length=n, seed=1)[i]["text"] for i in range(n)}
+    assert len(others & set(absent_texts)) >= 20
+
+
+def test_multi_target_masks_are_the_union_of_every_object_of_the_kind() -> None:
+    ds = SyntheticRefScenes("test", size=SIZE, length=PER_FAMILY * 2, seed=2, families=["multi_target"])
+    counts = set()
+    for i in range(len(ds)):
+        s = ds[i]
+        assert s["family"] == "multi_target" and s["no_target"] is False and s["target"] is None
+        targets, objects = s["targets"], s["objects"]
+        assert s["ann_ids"] == targets and 2 <= len(targets) <= 4 and len(objects) > len(targets)
+        assert np.array_equal(s["mask"], np.isin(s["labels"], np.array(targets) + 1))
+        words = s["text"].split()
+        colours = [w for w in words if w in COLOURS]
+        shapes = [w if w in SHAPES else w[:-1] for w in words if w in SHAPES or w[:-1] in SHAPES]
+        referred = [k for k, o in enumerate(objects)
+                    if o["colour"] in (colours or [o["colour"]]) and o["shape"] in (shapes or [o["shape"]])]
+        assert referred == targets and (colours or shapes)
+        # Distractors share what the expression does not name: neither cue alone gives the group.
+        others = [objects[k] for k in range(len(objects)) if k not in targets]
+        if colours:
+            assert any(o["shape"] in {objects[t]["shape"] for t in targets} for o in others)
+        if shapes:
+            assert any(o["colour"] in {objects[t]["colour"] for t in targets} for o in others)
+        for text in s["texts"]:  # every phrasing names the same kind
+            assert [w for w in text.split() if w in COLOURS] == colours
+        if "both" in words:
+            assert len(targets) == 2
+        counts.add(len(targets))
+    assert counts == {2, 3, 4}
+
+
+def test_evaluation_splits_hold_every_family_alike() -> None:
+    val = build_source(DataConfig(synthetic_image_size=64), "val", train=False)
+    assert len(val) == 1200
+    families = [val[i]["family"] for i in range(len(val))]
+    assert {f: families.count(f) for f in GENERAL_FAMILIES} == dict.fromkeys(GENERAL_FAMILIES, 200)
+
+
+def test_vocabulary_is_every_word_of_every_family() -> None:
+    vocabulary = SyntheticRefScenes.vocabulary
+    assert isinstance(vocabulary, frozenset) and all(w == w.lower() and w.isalpha() for w in vocabulary)
+    ds = SyntheticRefScenes("train", size=64, length=1500, seed=3, families=GENERAL_FAMILIES)
+    seen = {w for i in range(len(ds)) for t in ds[i]["texts"] for w in t.split()}
+    assert seen == vocabulary  # none missing, and none that no expression uses
+    assert "synthetic" in SyntheticRefScenes.description and "circles" in SyntheticRefScenes.description
+
+
+def test_grefcoco_layout_reads_back_with_the_same_masks(tmp_path: Path) -> None:
+    size, counts = 96, {"train": 2, "val": 12}
+    ref_dir = write_refer_format(tmp_path, splits=counts, size=size, seed=7, layout="grefcoco")
+    assert ref_dir == tmp_path / "grefcoco" and not (tmp_path / "refcoco").exists()
+    grefs = json.loads((ref_dir / "grefs(unc).json").read_text())
+    scenes = SyntheticRefScenes("val", size=size, length=counts["val"], seed=7, families=GENERAL_FAMILIES)
+    val_refs = [r for r in grefs if r["split"] == "val"]
+    for ref, k in zip(val_refs, range(counts["val"])):
+        assert ref["no_target"] == scenes[k]["no_target"] and len(ref["ann_id"]) == len(ref["category_id"])
+        assert ref["ann_id"] == [-1] if ref["no_target"] else -1 not in ref["ann_id"]
+    samples = RefDataset(tmp_path, "grefcoco", split="val")
+    kinds = set()
+    for sample in (samples[i] for i in range(len(samples))):
+        scene = scenes[[r["ref_id"] for r in val_refs].index(sample["ref_id"])]
+        assert sample["no_target"] == scene["no_target"] and len(sample["ann_ids"]) == len(scene["targets"])
+        # The union of the referred objects' polygons, as COCO rasterises them (edge pixels differ from ours).
+        union = np.zeros((size, size), dtype=bool)
+        for t in scene["targets"]:
+            union |= decode_segmentation([scene["objects"][t]["polygon"]], size, size)
+        assert np.array_equal(sample["mask"], union)
+        assert (union & scene["mask"]).sum() >= 0.8 * (union | scene["mask"]).sum()
+        assert sample["text"].lower() in scene["texts"]
+        kinds.add(len(sample["ann_ids"]))
+    assert {0, 1} <= kinds and max(kinds) >= 2  # no-target, single and multi-target refs
+    with pytest.raises(ValueError, match="layout='grefcoco'"):
+        write_refer_format(tmp_path, families=GENERAL_FAMILIES)
+    with pytest.raises(ValueError, match="layout must be one of refcoco, grefcoco"):
+        write_refer_format(tmp_path, layout="gref")
 
 
 class _NoGlobals(pickle.Unpickler):

@@ -17,9 +17,11 @@ class DataConfig:
     text_field: str = "raw"  # refer sentences: "raw" (typed text, what LAVT feeds) or "sent"
     synthetic_image_size: int = 128
     synthetic_train_size: int = 20000
-    synthetic_eval_size: int = 1000  # per evaluation split
-    # Training scenes only (evaluation always draws every family alike): each scene's family is drawn
-    # uniformly from this list, so a family listed twice is drawn twice as often.
+    synthetic_eval_size: int = 1200  # per evaluation split: scene i is of family i % 6, so 200 of each
+    # Training scenes only (evaluation always has all six families, GENERAL_FAMILIES, in equal shares):
+    # each scene's family is drawn uniformly from this list, so a family listed twice is drawn twice
+    # as often. The four target families by default; add no_target and multi_target for generalised
+    # referring (empty and union masks).
     synthetic_train_families: tuple[str, ...] = FAMILIES
     synthetic_fresh_epochs: bool = False  # each epoch new training scenes (e*N..e*N+N-1) instead of the same N
     seed: int = 0

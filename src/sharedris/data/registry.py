@@ -13,16 +13,17 @@ from sharedris.data.sample import Source
 
 
 def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
-    from sharedris.data.synthetic import FAMILIES, SyntheticRefScenes
+    from sharedris.data.synthetic import GENERAL_FAMILIES, SyntheticRefScenes
 
     return SyntheticRefScenes(
         split=split,
         size=cfg.synthetic_image_size,
         length=cfg.synthetic_train_size if train else cfg.synthetic_eval_size,
         seed=cfg.seed,
-        families=cfg.synthetic_train_families if train else FAMILIES,
+        families=cfg.synthetic_train_families if train else GENERAL_FAMILIES,
         shuffle_texts=cfg.shuffle_texts and train,
         fresh_epochs=cfg.synthetic_fresh_epochs and train,
+        balanced=not train,  # every family alike in evaluation
     )
 
 

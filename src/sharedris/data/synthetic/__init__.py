@@ -1,10 +1,12 @@
 """Deterministic procedural referring scenes: the default dataset, CPU benchmark and test fixture source.
 
-Every sample is a textured image with 3-6 flat shapes, one referring expression that identifies
-exactly one of them (the target) and the target's boolean mask. Expressions come in four families
-(``FAMILIES``), each built so that no single cue solves it (distractors share the target's colour
-or shape): ``colour_shape`` ("the red circle"), ``size`` ("the small square"), ``position`` ("the
-leftmost star") and ``relation`` ("the circle closest to the purple triangle").
+Every sample is a textured image with 3-6 flat shapes, one referring expression and the boolean
+mask of what it refers to. Four families (``FAMILIES``) identify exactly one object (the target),
+each built so that no single cue solves it (distractors share the target's colour or shape):
+``colour_shape`` ("the red circle"), ``size`` ("the small square"), ``position`` ("the leftmost
+star") and ``relation`` ("the circle closest to the purple triangle"). ``GENERAL_FAMILIES`` adds
+generalised referring: ``no_target`` (an expression of those four whose referent is missing from
+the scene: empty mask) and ``multi_target`` ("all the red objects", "both triangles": the union).
 
 A sample depends only on ``(split, seed, index)``, and splits never share scenes. Objects never
 overlap (rejection sampling with a gap), so each mask is exactly the pixels drawn for its object.
@@ -19,7 +21,15 @@ Modules, by job:
 """
 
 from sharedris.data.synthetic.dataset import SPLITS, SyntheticRefScenes, SyntheticSample
-from sharedris.data.synthetic.families import CENTRE_RADIUS, FAMILIES, MARGIN, SIZE_RATIO
+from sharedris.data.synthetic.families import (
+    CENTRE_RADIUS,
+    FAMILIES,
+    GENERAL_FAMILIES,
+    MARGIN,
+    MULTI_TARGET,
+    NO_TARGET,
+    SIZE_RATIO,
+)
 from sharedris.data.synthetic.geometry import COLOUR_JITTER, COLOURS, SHAPES
 from sharedris.data.synthetic.refer_format import write_refer_format
 from sharedris.data.synthetic.scene import NOISE
@@ -29,7 +39,10 @@ __all__ = [
     "COLOURS",
     "COLOUR_JITTER",
     "FAMILIES",
+    "GENERAL_FAMILIES",
     "MARGIN",
+    "MULTI_TARGET",
+    "NO_TARGET",
     "NOISE",
     "SHAPES",
     "SIZE_RATIO",

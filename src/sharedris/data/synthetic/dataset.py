@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from sharedris.data.sample import RefSample
-from sharedris.data.synthetic.families import FAMILIES
-from sharedris.data.synthetic.geometry import SHAPES
-from sharedris.data.synthetic.scene import lay_out, render
+from sharedris.data.synthetic.families import FAMILIES, GENERAL_FAMILIES, NO_TARGET, vocabulary
+from sharedris.data.synthetic.geometry import COLOURS, SHAPES
+from sharedris.data.synthetic.scene import Scene, lay_out, render
 
 SPLITS: dict[str, int] = {"train": 1, "val": 2, "test": 3, "testA": 4, "testB": 5}
 # Non-zero 4th entropy word of the auxiliary RNGs (text shuffle, refer writer): SeedSequence pads
@@ -24,20 +24,28 @@ SPLITS: dict[str, int] = {"train": 1, "val": 2, "test": 3, "testA": 4, "testB": 
 AUX_TAG = 7919
 
 
+def _listing(words: list[str]) -> str:
+    """English enumeration: "a, b and c"."""
+    return f"{', '.join(words[:-1])} and {words[-1]}"
+
+
 class SyntheticSample(RefSample):
     """A synthetic scene: the :class:`RefSample` keys plus what the generator knows about it.
 
-    ann_ids: ``[target]``: object indices within the scene (positions in ``objects``), not ids of
-        any annotation file.
+    ann_ids: the referred objects' indices within the scene (positions in ``objects``), not ids of
+        any annotation file: ``[target]`` for the four target families, 2-4 indices for
+        ``multi_target``, empty for ``no_target``.
     group: the scene's expression family (= ``family``).
     texts: all valid phrasings of the expression, ``text`` first.
-    family: the expression family, one of ``FAMILIES``.
+    family: the expression family, one of ``GENERAL_FAMILIES``.
+    no_target: True exactly when the expression refers to nothing (``family == "no_target"``).
+    targets: the referred objects' indices (= ``ann_ids``).
     objects: per object: shape, category (= shape: the object's class, one of
         ``SyntheticRefScenes.object_classes``, as the refer export writes it), colour, rgb, centre
         (x, y in pixels), scale (equivalent radius in pixels), rotation (degrees), bbox (pixel bbox
         [x, y, w, h] of its mask), polygon (flat [x1, y1, ...]), area (mask pixels).
-    target: the referred object's index.
-    anchor: the anchor object's index in ``relation`` scenes, None otherwise.
+    target: the referred object's index in the four target families, None otherwise.
+    anchor: the anchor object's index in ``relation`` scenes, None otherwise (no_target too).
     labels: uint8 (H, W): ``k + 1`` on object ``k``, 0 on the background.
     split: the split name.
     index: the scene number (differs from the item index after ``set_epoch`` with ``fresh_epochs``).
@@ -45,8 +53,10 @@ class SyntheticSample(RefSample):
 
     texts: list[str]
     family: str
+    no_target: bool
+    targets: list[int]
     objects: list[dict[str, Any]]
-    target: int
+    target: int | None
     anchor: int | None
     labels: np.ndarray
     split: str
@@ -56,22 +66,33 @@ class SyntheticSample(RefSample):
 class SyntheticRefScenes:
     """A deterministic, torch-free dataset of synthetic referring scenes.
 
-    ``ds[i]`` is a :class:`SyntheticSample`: a ``size`` x ``size`` image, the target's mask, the
-    expression and its alternative phrasings, and the scene's objects, target, anchor and label map.
+    ``ds[i]`` is a :class:`SyntheticSample`: a ``size`` x ``size`` image, the referred objects' mask
+    (their union; all False for ``no_target``), the expression and its alternative phrasings, and the
+    scene's objects, targets, anchor and label map.
 
-    Each scene's family is drawn uniformly from ``families``; list a family twice to draw it twice as
-    often. ``groups`` is every family in ``FAMILIES`` order whatever ``families`` is: the breakdown
-    evaluation reports. With ``fresh_epochs``, ``set_epoch(e)`` moves the dataset to its e-th block of
-    ``length`` scenes (sample i is scene ``e * length + i``, and ``index`` is that scene number), so
-    training never repeats a scene; otherwise ``set_epoch`` changes nothing.
+    Each scene's family is drawn uniformly from ``families`` (any of ``GENERAL_FAMILIES``); list a
+    family twice to draw it twice as often. With ``balanced``, scene n is of family
+    ``families[n % len(families)]`` instead, so every family gets the same share of a split
+    (evaluation). ``groups`` is every family in ``GENERAL_FAMILIES`` order whatever ``families`` is:
+    the breakdown evaluation reports. With ``fresh_epochs``, ``set_epoch(e)`` moves the dataset to
+    its e-th block of ``length`` scenes (sample i is scene ``e * length + i``, and ``index`` is that
+    scene number), so training never repeats a scene; otherwise ``set_epoch`` changes nothing.
 
     With ``shuffle_texts`` (and ``length >= 2``) the ``text``/``texts`` of sample i come from another
     sample of the same block (a fixed derangement), so text carries no information while images and
     masks stay: a control experiment. ``family`` stays the family of the scene, not of the text.
+
+    ``vocabulary`` is every word an expression can contain and ``description`` says what the
+    scenes are: a model trained on them knows nothing else.
     """
 
     object_classes: tuple[str, ...] = SHAPES
-    groups: tuple[str, ...] = FAMILIES
+    groups: tuple[str, ...] = GENERAL_FAMILIES
+    vocabulary: frozenset[str] = vocabulary()
+    description: str = (
+        f"synthetic shape scenes: 3 to 6 flat-coloured {_listing([s + 's' for s in SHAPES])} in "
+        f"{_listing(list(COLOURS))} on a grey textured background"
+    )
 
     def __init__(
         self,
@@ -82,12 +103,14 @@ class SyntheticRefScenes:
         families: Sequence[str] = FAMILIES,
         shuffle_texts: bool = False,
         fresh_epochs: bool = False,
+        balanced: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-        unknown = [f for f in families if f not in FAMILIES]
+        unknown = [f for f in families if f not in GENERAL_FAMILIES]
         if unknown or not families:
-            raise ValueError(f"families must be a non-empty list of names from {FAMILIES}, got {list(families)}")
+            raise ValueError(f"families must be a non-empty list of names from {GENERAL_FAMILIES}, "
+                             f"got {list(families)}")
         if size < 64:
             raise ValueError(f"size must be >= 64 to fit the objects, got {size}")
         if length < 0 or seed < 0:
@@ -96,6 +119,7 @@ class SyntheticRefScenes:
         self.families = tuple(families)
         self.shuffle_texts = shuffle_texts
         self.fresh_epochs = fresh_epochs
+        self.balanced = balanced
         self._first = 0  # scene number of sample 0
         self._text_source: np.ndarray | None = None
         if shuffle_texts and length > 1:
@@ -112,19 +136,25 @@ class SyntheticRefScenes:
         if self.fresh_epochs:
             self._first = epoch * self.length
 
+    def _lay_out(self, number: int) -> tuple[Scene, np.random.Generator]:
+        """Scene ``number`` laid out, and its generator, ready to paint it."""
+        rng = np.random.default_rng([SPLITS[self.split], self.seed, number])
+        if self.balanced:
+            family = self.families[number % len(self.families)]
+        else:
+            family = self.families[int(rng.integers(len(self.families)))]
+        return lay_out(rng, family, self.size), rng
+
     def __getitem__(self, index: int) -> SyntheticSample:
         index = operator.index(index)
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} samples")
         index %= self.length
-        rng = np.random.default_rng([SPLITS[self.split], self.seed, self._first + index])
-        scene = lay_out(rng, self.families, self.size)
+        scene, rng = self._lay_out(self._first + index)
         image = render(scene.labels, scene.objects, rng)
         texts = scene.texts
         if self._text_source is not None:
-            donor = self._first + int(self._text_source[index])
-            donor_rng = np.random.default_rng([SPLITS[self.split], self.seed, donor])
-            texts = lay_out(donor_rng, self.families, self.size).texts
+            texts = self._lay_out(self._first + int(self._text_source[index]))[0].texts
         objects = [
             {
                 "shape": o.spec.shape,
@@ -140,16 +170,20 @@ class SyntheticRefScenes:
             }
             for o in scene.objects
         ]
+        referred = np.zeros(len(objects) + 1, dtype=bool)  # by label: the referred objects' labels
+        referred[[t + 1 for t in scene.targets]] = True
         return {
             "image": image,
-            "mask": scene.labels == scene.target + 1,
+            "mask": referred[scene.labels],
             "text": texts[0],
-            "ann_ids": [scene.target],
+            "ann_ids": list(scene.targets),
             "group": scene.family,
             "texts": list(texts),
             "family": scene.family,
+            "no_target": scene.family == NO_TARGET,
+            "targets": list(scene.targets),
             "objects": objects,
-            "target": scene.target,
+            "target": scene.targets[0] if scene.family in FAMILIES else None,
             "anchor": scene.anchor,
             "labels": scene.labels,
             "split": self.split,

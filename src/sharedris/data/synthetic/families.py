@@ -1,6 +1,7 @@
-"""The four expression families: which objects a scene gets and how its expression is resolved.
+"""The expression families: which objects a scene gets and how its expression is resolved.
 
-Each family is built so that no single cue solves it (distractors share the target's colour or shape):
+The four target families (``FAMILIES``) refer to exactly one object, and each is built so that no
+single cue solves it (distractors share the target's colour or shape):
 
 - ``colour_shape``: "the red circle"; other objects share its colour or its shape.
 - ``size``: "the small square"; 2-3 same-colour squares whose sizes differ by >= ``SIZE_RATIO``.
@@ -8,14 +9,24 @@ Each family is built so that no single cue solves it (distractors share the targ
 - ``relation``: "the circle closest to the purple triangle"; 2-3 same-colour circles, a unique
   anchor, the target nearest (or farthest) by >= the margin.
 
+``GENERAL_FAMILIES`` adds the two of generalised referring segmentation:
+
+- ``no_target``: an expression of one of the four target families, drawn exactly as that family
+  draws it, in a scene from which its referent is missing (:func:`hide_referent`): the text alone
+  cannot tell that nothing matches.
+- ``multi_target``: "all the red objects", "both triangles", "every red circle": 2-4 objects of one
+  colour, shape or both, among distractors sharing the other attribute.
+
 A builder ``BUILDERS[family](rng, size)`` draws the objects to place and returns them with a
-resolver; once they are placed, the resolver picks the target (and anchor) and the phrasings, or
-returns None when the layout leaves the expression ambiguous.
+resolver; once they are placed, the resolver picks the targets (and anchor) and the phrasings, or
+returns None when the layout leaves the expression ambiguous. ``no_target`` has no builder: a
+scene lays out a target family's expression and then hides its referent.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -23,6 +34,8 @@ import numpy as np
 from sharedris.data.synthetic.geometry import COLOURS, SHAPES, Placed, Spec
 
 FAMILIES: tuple[str, ...] = ("colour_shape", "size", "position", "relation")
+NO_TARGET, MULTI_TARGET = "no_target", "multi_target"
+GENERAL_FAMILIES: tuple[str, ...] = FAMILIES + (NO_TARGET, MULTI_TARGET)
 
 SIZE_RATIO = 1.6  # the size family's smallest ratio between the equivalent radii of two classes
 MARGIN = 0.08  # fraction of the image side separating the target from the runner-up (position, relation)
@@ -33,8 +46,77 @@ _MEDIUM = (0.058, 0.10)
 _SMALL = (0.058, 0.068)
 _BIG = (_SMALL[1] * SIZE_RATIO * 1.03, 0.13)  # 3% above SIZE_RATIO: headroom for rasterisation
 
-# A resolver looks at a placed layout and returns (target, anchor, phrasings), or None to retry.
-Resolver = Callable[[list[Placed], np.random.Generator], tuple[int, int | None, list[str]] | None]
+# A resolver looks at a placed layout and returns (targets, anchor, phrasings), or None to retry.
+Resolver = Callable[[list[Placed], np.random.Generator], tuple[list[int], int | None, list[str]] | None]
+
+# Templates: {c}/{s} the referent's colour/shape, {ac}/{as} the anchor's, {a}/{sup}/{cmp} a size
+# adjective, superlative, comparative, {n} a number word. ``vocabulary`` expands them.
+_BIG_WORDS, _BIGGEST_WORDS, _BIGGER_WORDS = ("big", "large"), ("biggest", "largest"), ("bigger", "larger")
+_NUMBERS = {2: "two", 3: "three", 4: "four"}
+_COLOUR_SHAPE_TEMPLATES = ("the {c} {s}", "{c} {s}", "the {s} that is {c}", "the {c} {s} in the picture")
+_SIZE_TEMPLATES = ("the {a} {s}", "the {a} {c} {s}", "the {sup} {s}")
+_SIZE_PAIR_TEMPLATES = ("the {cmp} {s}", "the {cmp} {c} {s}", "the {cmp} of the two {s}s")
+_SIZE_TRIO_TEMPLATES = ("the {sup} {c} {s}",)
+_POSITION_TEMPLATES = {
+    "left": ("the {s} on the left", "the leftmost {s}", "the {c} {s} on the far left",
+             "the {s} furthest to the left"),
+    "right": ("the {s} on the right", "the rightmost {s}", "the {c} {s} on the far right",
+              "the {s} furthest to the right"),
+    "top": ("the {s} at the top", "the topmost {s}", "the highest {s}", "the {c} {s} at the top"),
+    "bottom": ("the {s} at the bottom", "the bottom {s}", "the lowest {s}", "the {c} {s} at the bottom"),
+    "middle": ("the {s} in the middle", "the {s} in the centre", "the central {s}",
+               "the {c} {s} in the middle"),
+}
+_RELATION_TEMPLATES = {
+    "near": ("the {s} closest to the {ac} {as}", "the {c} {s} next to the {ac} {as}",
+             "the {s} nearest to the {ac} {as}"),
+    "far": ("the {s} farthest from the {ac} {as}", "the {c} {s} furthest from the {ac} {as}",
+            "the {s} far from the {ac} {as}"),
+}
+# multi_target, per kind of group: every form, then the counted forms ("both" for two, "all {n}" for more).
+_MULTI_TEMPLATES = {
+    "colour": ("all the {c} objects", "all {c} shapes", "all the {c} shapes", "every {c} object",
+               "every {c} shape", "the {c} objects", "the {c} shapes", "all the {c} things"),
+    "shape": ("all the {s}s", "all {s}s", "every {s}", "each {s}", "the {s}s"),
+    "pair": ("all the {c} {s}s", "all {c} {s}s", "every {c} {s}", "the {c} {s}s"),
+}
+_MULTI_COUNTED = {
+    "colour": ("the {n} {c} objects", "the {n} {c} shapes"),
+    "shape": ("the {n} {s}s",),
+    "pair": ("the {n} {c} {s}s",),
+}
+_MULTI_BOTH = {
+    "colour": ("both {c} objects", "both {c} shapes"),
+    "shape": ("both {s}s",),
+    "pair": ("both {c} {s}s",),
+}
+_MULTI_ALL_N = {
+    "colour": ("all {n} {c} objects",),
+    "shape": ("all {n} {s}s",),
+    "pair": ("all {n} {c} {s}s",),
+}
+_SLOT_WORDS: dict[str, tuple[str, ...]] = {
+    "c": tuple(COLOURS), "ac": tuple(COLOURS), "s": SHAPES, "as": SHAPES,
+    "a": _BIG_WORDS + ("small",), "sup": _BIGGEST_WORDS + ("smallest",), "cmp": _BIGGER_WORDS + ("smaller",),
+    "n": tuple(_NUMBERS.values()),
+}
+
+
+def _all_templates() -> list[str]:
+    groups = [_COLOUR_SHAPE_TEMPLATES, _SIZE_TEMPLATES, _SIZE_PAIR_TEMPLATES, _SIZE_TRIO_TEMPLATES]
+    groups += [*_POSITION_TEMPLATES.values(), *_RELATION_TEMPLATES.values()]
+    groups += [*_MULTI_TEMPLATES.values(), *_MULTI_COUNTED.values(), *_MULTI_BOTH.values(), *_MULTI_ALL_N.values()]
+    return [t for group in groups for t in group]
+
+
+def vocabulary() -> frozenset[str]:
+    """Every lower-case word an expression of any family can contain, from the templates and word lists."""
+    words: set[str] = set()
+    for template in _all_templates():
+        for token in template.split():
+            slot = re.fullmatch(r"([^{]*)\{(\w+)\}(.*)", token)  # at most one slot per word: "{s}s"
+            words.update(slot[1] + w + slot[3] for w in _SLOT_WORDS[slot[2]]) if slot else words.add(token)
+    return frozenset(words)
 
 
 def _pick(rng: np.random.Generator, items: Sequence[str], exclude: Sequence[str] = ()) -> str:
@@ -80,10 +162,9 @@ def _colour_shape(rng: np.random.Generator, size: int) -> tuple[list[Spec], Reso
     ]
     specs += _fillers(rng, size, int(rng.integers(0, 4)), [], [(colour, shape)])
 
-    def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[int, None, list[str]]:
+    def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[list[int], None, list[str]]:
         target = next(i for i, o in enumerate(objs) if (o.spec.shape, o.spec.colour) == (shape, colour))
-        templates = ["the {c} {s}", "{c} {s}", "the {s} that is {c}", "the {c} {s} in the picture"]
-        return target, None, _phrasings(rng, templates, c=colour, s=shape)
+        return [target], None, _phrasings(rng, _COLOUR_SHAPE_TEMPLATES, c=colour, s=shape)
 
     return specs, resolve
 
@@ -100,32 +181,17 @@ def _size(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver]:
     specs.append(Spec(_pick(rng, SHAPES, [shape]), colour, _scale(rng, size, own)))
     specs += _fillers(rng, size, int(rng.integers(0, 6 - len(specs) + 1)), [shape], [])
 
-    def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[int, None, list[str]]:
+    def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[list[int], None, list[str]]:
         cands = [i for i, o in enumerate(objs) if o.spec.shape == shape]
         target = (max if big else min)(cands, key=lambda i: objs[i].spec.scale)
-        adj = _pick(rng, ["big", "large"]) if big else "small"
-        sup = _pick(rng, ["biggest", "largest"]) if big else "smallest"
-        cmp = _pick(rng, ["bigger", "larger"]) if big else "smaller"
-        templates = ["the {a} {s}", "the {a} {c} {s}", "the {sup} {s}"]
-        if k == 2:
-            templates += ["the {cmp} {s}", "the {cmp} {c} {s}", "the {cmp} of the two {s}s"]
-        else:
-            templates += ["the {sup} {c} {s}"]
-        return target, None, _phrasings(rng, templates, a=adj, sup=sup, cmp=cmp, c=colour, s=shape)
+        adj = _pick(rng, _BIG_WORDS) if big else "small"
+        sup = _pick(rng, _BIGGEST_WORDS) if big else "smallest"
+        cmp = _pick(rng, _BIGGER_WORDS) if big else "smaller"
+        templates = _SIZE_TEMPLATES + (_SIZE_PAIR_TEMPLATES if k == 2 else _SIZE_TRIO_TEMPLATES)
+        return [target], None, _phrasings(rng, templates, a=adj, sup=sup, cmp=cmp, c=colour, s=shape)
 
     return specs, resolve
 
-
-_POSITION_TEMPLATES = {
-    "left": ["the {s} on the left", "the leftmost {s}", "the {c} {s} on the far left",
-             "the {s} furthest to the left"],
-    "right": ["the {s} on the right", "the rightmost {s}", "the {c} {s} on the far right",
-              "the {s} furthest to the right"],
-    "top": ["the {s} at the top", "the topmost {s}", "the highest {s}", "the {c} {s} at the top"],
-    "bottom": ["the {s} at the bottom", "the bottom {s}", "the lowest {s}", "the {c} {s} at the bottom"],
-    "middle": ["the {s} in the middle", "the {s} in the centre", "the central {s}",
-               "the {c} {s} in the middle"],
-}
 
 
 def _position(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver]:
@@ -135,7 +201,7 @@ def _position(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver
     specs = [Spec(shape, colour, _scale(rng, size, _MEDIUM)) for _ in range(k)]
     specs += _fillers(rng, size, int(rng.integers(1, 6 - k + 1)), [shape], [])
 
-    def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[int, None, list[str]] | None:
+    def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[list[int], None, list[str]] | None:
         cands = [i for i, o in enumerate(objs) if o.spec.shape == shape]
         xy = np.array([objs[i].centre for i in cands])
         keys = {  # smaller is more extreme
@@ -154,7 +220,7 @@ def _position(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver
         if not ok:
             return None
         direction, target = ok[int(rng.integers(len(ok)))]
-        return target, None, _phrasings(rng, _POSITION_TEMPLATES[direction], c=colour, s=shape)
+        return [target], None, _phrasings(rng, _POSITION_TEMPLATES[direction], c=colour, s=shape)
 
     return specs, resolve
 
@@ -170,7 +236,7 @@ def _relation(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver
         specs.append(Spec(a_shape, _pick(rng, list(COLOURS), [a_colour]), _scale(rng, size, _MEDIUM)))
     specs += _fillers(rng, size, int(rng.integers(0, 6 - len(specs) + 1)), [shape], [(a_colour, a_shape)])
 
-    def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[int, int, list[str]] | None:
+    def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[list[int], int, list[str]] | None:
         anchor = next(i for i, o in enumerate(objs) if (o.spec.shape, o.spec.colour) == (a_shape, a_colour))
         cands = [i for i, o in enumerate(objs) if o.spec.shape == shape]
         ax, ay = objs[anchor].centre
@@ -184,13 +250,42 @@ def _relation(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver
         if not ok:
             return None
         mode, target = ok[int(rng.integers(len(ok)))]
-        if mode == "near":
-            templates = ["the {s} closest to the {ac} {as}", "the {c} {s} next to the {ac} {as}",
-                         "the {s} nearest to the {ac} {as}"]
-        else:
-            templates = ["the {s} farthest from the {ac} {as}", "the {c} {s} furthest from the {ac} {as}",
-                         "the {s} far from the {ac} {as}"]
-        return target, anchor, _phrasings(rng, templates, c=colour, s=shape, ac=a_colour, **{"as": a_shape})
+        templates = _RELATION_TEMPLATES[mode]
+        return [target], anchor, _phrasings(rng, templates, c=colour, s=shape, ac=a_colour, **{"as": a_shape})
+
+    return specs, resolve
+
+
+def _multi_target(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver]:
+    """2-4 objects of one colour ("all the red objects"), shape ("both triangles") or both ("every red
+    circle"), among distractors that share the other attribute, so neither cue alone picks the group."""
+    kind = ("colour", "shape", "pair")[int(rng.integers(3))]
+    n = int(rng.integers(2, 5))
+    shape, colour = _pick(rng, SHAPES), _pick(rng, list(COLOURS))
+    if kind == "colour":
+        specs = [Spec(_pick(rng, SHAPES), colour, _scale(rng, size, _MEDIUM)) for _ in range(n)]
+        specs.append(Spec(specs[0].shape, _pick(rng, list(COLOURS), [colour]), _scale(rng, size, _MEDIUM)))
+        bad_shapes: list[str] = []
+        bad_pairs = [(colour, s) for s in SHAPES]
+    elif kind == "shape":
+        specs = [Spec(shape, _pick(rng, list(COLOURS)), _scale(rng, size, _MEDIUM)) for _ in range(n)]
+        specs.append(Spec(_pick(rng, SHAPES, [shape]), specs[0].colour, _scale(rng, size, _MEDIUM)))
+        bad_shapes, bad_pairs = [shape], []
+    else:
+        specs = [Spec(shape, colour, _scale(rng, size, _MEDIUM)) for _ in range(n)]
+        specs.append(Spec(_pick(rng, SHAPES, [shape]), colour, _scale(rng, size, _MEDIUM)))
+        specs.append(Spec(shape, _pick(rng, list(COLOURS), [colour]), _scale(rng, size, _MEDIUM)))
+        bad_shapes, bad_pairs = [], [(colour, shape)]
+    specs += _fillers(rng, size, int(rng.integers(0, 6 - len(specs) + 1)), bad_shapes, bad_pairs)
+    counted = _MULTI_BOTH[kind] if n == 2 else _MULTI_ALL_N[kind]
+    templates = _MULTI_TEMPLATES[kind] + _MULTI_COUNTED[kind] + counted
+
+    def matches(spec: Spec) -> bool:
+        return (kind == "shape" or spec.colour == colour) and (kind == "colour" or spec.shape == shape)
+
+    def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[list[int], None, list[str]]:
+        targets = [i for i, o in enumerate(objs) if matches(o.spec)]
+        return targets, None, _phrasings(rng, templates, c=colour, s=shape, n=_NUMBERS[n])
 
     return specs, resolve
 
@@ -200,4 +295,37 @@ BUILDERS: dict[str, Callable[[np.random.Generator, int], tuple[list[Spec], Resol
     "size": _size,
     "position": _position,
     "relation": _relation,
+    MULTI_TARGET: _multi_target,
 }
+
+
+def hide_referent(
+    family: str, specs: list[Spec], target: int, anchor: int | None, rng: np.random.Generator
+) -> list[Spec]:
+    """The objects of a resolved ``family`` scene, changed so that its expression refers to nothing.
+
+    ``specs`` are the placed objects' specs, ``target``/``anchor`` what the expression resolved to.
+    ``colour_shape``: the target changes colour or shape, so its pair is gone while objects sharing
+    its colour and its shape stay. ``size``/``position``: every object of the target's shape takes
+    another shape (the same one for all, keeping colour and size: the same scene but for the
+    noun). ``relation``: either the anchor changes colour (its shape stays, so a same-shape decoy
+    remains plausible) or every candidate takes another shape, the anchor's excluded.
+    """
+    out = [Spec(s.shape, s.colour, s.scale) for s in specs]
+    t = out[target]
+    if family == "colour_shape":
+        if rng.integers(2):
+            t.colour = _pick(rng, list(COLOURS), [t.colour])
+        else:
+            t.shape = _pick(rng, SHAPES, [t.shape])
+        return out
+    if family == "relation" and rng.integers(2):
+        out[anchor].colour = _pick(rng, list(COLOURS), [out[anchor].colour])
+        return out
+    shape = t.shape
+    keep = [shape] if anchor is None else [shape, out[anchor].shape]
+    new = _pick(rng, SHAPES, keep)
+    for s in out:
+        if s.shape == shape:
+            s.shape = new
+    return out

@@ -1,4 +1,4 @@
-"""Write synthetic scenes in the RefCOCO refer layout, so the refer loader can be tested without RefCOCO."""
+"""Write synthetic scenes in the RefCOCO or gRefCOCO refer layout, so the refer loader can be tested without them."""
 
 from __future__ import annotations
 
@@ -10,30 +10,45 @@ from typing import Any
 
 import numpy as np
 
+from sharedris.data.refer import NO_TARGET_ANN_ID
 from sharedris.data.synthetic.dataset import AUX_TAG, SyntheticRefScenes
-from sharedris.data.synthetic.families import FAMILIES
+from sharedris.data.synthetic.families import FAMILIES, GENERAL_FAMILIES
 from sharedris.data.synthetic.geometry import SHAPES
 
+# Layout -> its default families: refcoco refs have exactly one target.
+LAYOUTS: dict[str, tuple[str, ...]] = {"refcoco": FAMILIES, "grefcoco": GENERAL_FAMILIES}
 
 def write_refer_format(
     root: str | Path,
     splits: Mapping[str, int] | None = None,
     size: int = 160,
     seed: int = 0,
-    families: Sequence[str] = FAMILIES,
+    families: Sequence[str] | None = None,
+    layout: str = "refcoco",
 ) -> Path:
-    """Write synthetic scenes in the RefCOCO refer layout (docs/reference.md) and return ``<root>/refcoco``.
+    """Write synthetic scenes in a refer layout (docs/reference.md) and return ``<root>/<layout>``.
 
-    Writes ``refcoco/instances.json``, ``refcoco/refs(unc).p`` (pickle protocol 2, builtins only)
-    and ``images/train2014/COCO_train2014_%012d.jpg``. ``splits`` maps split name to number of
-    samples (default train 8, val/testA/testB 4). Each sample is one image whose objects are all
-    annotations (polygon segmentation, bbox of the polygon, area = pixels of the rasterised
-    polygon, category = shape) and whose target is one ref with 1 or 2 sentences (distinct
-    phrasings; ``raw`` sometimes capitalised, ``sent`` lower case).
+    ``layout="refcoco"`` writes ``refcoco/instances.json`` and ``refcoco/refs(unc).p`` (pickle
+    protocol 2, builtins only) for the four target families (the default ``families``); a ref's
+    ``ann_id`` and ``category_id`` are single ids. ``layout="grefcoco"`` writes
+    ``grefcoco/instances.json`` and ``grefcoco/grefs(unc).json`` for any families (default: all of
+    ``GENERAL_FAMILIES``); ``ann_id`` and ``category_id`` are lists (``[-1]`` with ``no_target: true``
+    when the expression refers to nothing). Both write ``images/train2014/COCO_train2014_%012d.jpg``.
+    ``splits`` maps split name to number of samples (default train 8, val/testA/testB 4). Each
+    sample is one image whose objects are all annotations (polygon segmentation, bbox of the
+    polygon, area = pixels of the rasterised polygon, category = shape) and whose expression is
+    one ref with 1 or 2 sentences (distinct phrasings; ``raw`` sometimes capitalised, ``sent``
+    lower case).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    families = tuple(families) if families is not None else LAYOUTS[layout]
+    if layout == "refcoco" and not set(families) <= set(FAMILIES):
+        raise ValueError(f"the refcoco layout holds one target per ref, so only the families {FAMILIES}; "
+                         "write no_target and multi_target with layout='grefcoco'")
     splits = dict(splits) if splits is not None else {"train": 8, "val": 4, "testA": 4, "testB": 4}
     root = Path(root)
-    ref_dir, image_dir = root / "refcoco", root / "images" / "train2014"
+    ref_dir, image_dir = root / layout, root / "images" / "train2014"
     ref_dir.mkdir(parents=True, exist_ok=True)
     image_dir.mkdir(parents=True, exist_ok=True)
     # Sentence count and capitalisation only; split code 0 belongs to no split, so the stream is new.
@@ -68,16 +83,17 @@ def write_refer_format(
                 sent = text.lower()
                 sentences.append({"sent_id": sent_id, "tokens": sent.split(), "raw": raw, "sent": sent})
             ref_id = len(refs) + 1
-            refs.append({
-                "ref_id": ref_id,
-                "ann_id": first_ann + sample["target"],
-                "image_id": image_id,
-                "split": split,
-                "category_id": SHAPES.index(sample["objects"][sample["target"]]["shape"]) + 1,
-                "sent_ids": [s["sent_id"] for s in sentences],
-                "file_name": f"COCO_train2014_{image_id:012d}_{ref_id}.jpg",
-                "sentences": sentences,
-            })
+            ann_ids = [first_ann + t for t in sample["targets"]]
+            category_ids = [SHAPES.index(sample["objects"][t]["shape"]) + 1 for t in sample["targets"]]
+            ref: dict[str, Any] = {"ref_id": ref_id}
+            if layout == "refcoco":
+                ref.update(ann_id=ann_ids[0], image_id=image_id, split=split, category_id=category_ids[0])
+            else:
+                ref.update(ann_id=ann_ids or [NO_TARGET_ANN_ID], image_id=image_id, split=split,
+                           category_id=category_ids or [NO_TARGET_ANN_ID], no_target=not ann_ids)
+            ref.update(sent_ids=[s["sent_id"] for s in sentences],
+                       file_name=f"COCO_train2014_{image_id:012d}_{ref_id}.jpg", sentences=sentences)
+            refs.append(ref)
     instances = {
         "info": {"description": "sharedris synthetic referring scenes", "seed": seed},
         "images": images,
@@ -85,6 +101,9 @@ def write_refer_format(
         "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)],
     }
     (ref_dir / "instances.json").write_text(json.dumps(instances))
-    with open(ref_dir / "refs(unc).p", "wb") as f:
-        pickle.dump(refs, f, protocol=2)
+    if layout == "refcoco":
+        with open(ref_dir / "refs(unc).p", "wb") as f:
+            pickle.dump(refs, f, protocol=2)
+    else:
+        (ref_dir / "grefs(unc).json").write_text(json.dumps(refs))
     return ref_dir

@@ -6,13 +6,12 @@ scene is a pure function of the generator's seed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from sharedris.data.synthetic.families import BUILDERS
+from sharedris.data.synthetic.families import BUILDERS, FAMILIES, NO_TARGET, hide_referent
 from sharedris.data.synthetic.geometry import Placed, place
 
 NOISE = 8  # per-pixel uniform noise amplitude, kept small so object colours stay recognisable
@@ -27,14 +26,31 @@ class Scene:
     family: str
     objects: list[Placed]
     labels: np.ndarray  # uint8 (size, size): k + 1 on object k, 0 on the background
-    target: int
+    targets: list[int]  # the referred objects; empty for no_target
     anchor: int | None
     texts: list[str]
 
 
-def lay_out(rng: np.random.Generator, families: Sequence[str], size: int) -> Scene:
-    """Lay out a ``size`` x ``size`` scene: pick one of ``families``, retry layouts until it is unambiguous."""
-    family = families[int(rng.integers(len(families)))]
+def lay_out(rng: np.random.Generator, family: str, size: int) -> Scene:
+    """Lay out a ``size`` x ``size`` scene of ``family``, retrying layouts until it is unambiguous.
+
+    A ``no_target`` scene draws one of the target families, lays out a scene of it (which fixes the
+    expression, drawn exactly as that family draws it), then places its objects anew with the
+    referent hidden (:func:`hide_referent`).
+    """
+    if family != NO_TARGET:
+        return _resolved(rng, family, size)
+    told = _resolved(rng, FAMILIES[int(rng.integers(len(FAMILIES)))], size)
+    specs = hide_referent(told.family, [o.spec for o in told.objects], told.targets[0], told.anchor, rng)
+    for _ in range(_SCENE_TRIES):
+        layout = place(specs, size, rng)
+        if layout is not None:
+            return Scene(NO_TARGET, layout[0], layout[1], [], None, told.texts)
+    raise RuntimeError(f"could not lay out a {family!r} scene at size {size}")
+
+
+def _resolved(rng: np.random.Generator, family: str, size: int) -> Scene:
+    """A scene of a family with a builder, laid out until its resolver accepts the layout."""
     for _ in range(_SCENE_TRIES):
         specs, resolve = BUILDERS[family](rng, size)
         specs = [specs[i] for i in rng.permutation(len(specs))]  # the target's index varies
