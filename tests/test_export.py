@@ -13,7 +13,7 @@ import pytest
 import torch
 from _tiny_model import save_tiny_model
 
-from sharedris.export import INPUT_NAMES, export_onnx
+from sharedris.export import INPUT_NAMES, OUTPUT_NAMES, export_onnx
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.text import Tokenizer
 
@@ -43,11 +43,14 @@ def test_onnxruntime_matches_pytorch(exported, texts, text_len):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, dict(zip(INPUT_NAMES, (image.numpy(), ids.numpy(), pad.numpy()))))
+    outputs = session.run(None, dict(zip(INPUT_NAMES, (image.numpy(), ids.numpy(), pad.numpy()))))
     with torch.inference_mode():
-        expected = model(image, ids, pad).mask_logits.numpy()
-    assert logits.shape == expected.shape == (len(texts), 1, model.config.image_size, model.config.image_size)
-    assert np.abs(logits - expected).max() <= 1e-3
+        expected = model(image, ids, pad)
+    assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES) == list(expected._fields)
+    logits = outputs[0]
+    assert logits.shape == expected.mask_logits.shape == (len(texts), 1, model.config.image_size, model.config.image_size)
+    for got, want in zip(outputs, expected):  # the mask logits and every head
+        assert np.abs(got - want.numpy()).max() <= 1e-3
 
 
 def test_graph_carries_the_model_config(exported):
@@ -73,7 +76,7 @@ def test_large_models_keep_their_weights_beside_the_graph(exported, tmp_path, mo
     assert (tmp_path / "big.onnx.data").is_file()
     image, ids, pad = _inputs(model, ["the red box", "that"], 12, seed=3)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, dict(zip(INPUT_NAMES, (image.numpy(), ids.numpy(), pad.numpy()))))
+    logits = session.run(None, dict(zip(INPUT_NAMES, (image.numpy(), ids.numpy(), pad.numpy()))))[0]
     with torch.inference_mode():
         assert np.abs(logits - model(image, ids, pad).mask_logits.numpy()).max() <= 1e-3
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
@@ -88,6 +91,6 @@ def test_default_model_exports_within_tolerance(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for texts, text_len in ((["the yellow diamond"], 24), (["the big star", "the circle on the left", "red"], 11)):
         image, ids, pad = _inputs(model, texts, text_len, seed=len(texts))
-        (logits,) = session.run(None, dict(zip(INPUT_NAMES, (image.numpy(), ids.numpy(), pad.numpy()))))
+        logits = session.run(None, dict(zip(INPUT_NAMES, (image.numpy(), ids.numpy(), pad.numpy()))))[0]
         with torch.inference_mode():
             assert np.abs(logits - model(image, ids, pad).mask_logits.numpy()).max() <= 1e-3

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sharedris.losses import segmentation_loss
+from sharedris.losses import referring_loss, segmentation_loss
 from sharedris.modeling import (
     FPNConfig,
     MaskDecoder,
@@ -58,13 +58,13 @@ def test_every_stage_has_the_documented_shapes(image_size, patch_size):
     with torch.no_grad():
         taps = model.encoder.forward_intermediates(image, ids, pad, cfg.taps)
         feats = model.fpn(taps, pad, g)
-        logits = model.decoder(feats.pixel, feats.mid, feats.text, pad)
+        logits, presence, iou = model.decoder(feats.pixel, feats.mid, feats.text, pad)
         full = model(image, ids, pad).mask_logits
     assert [tuple(v.shape) for v, _ in taps] == [(B, 1 + g * g, D)] * 4
     assert feats.pixel.shape == (B, C, 4 * g, 4 * g)
     assert feats.mid.shape == (B, C, g, g)
     assert feats.text.shape == (B, L, C)
-    assert logits.shape == (B, 1, 4 * g, 4 * g)
+    assert logits.shape == (B, 1, 4 * g, 4 * g) and presence.shape == iou.shape == (B,)
     assert full.shape == (B, 1, image_size, image_size)
     assert torch.isfinite(full).all()
 
@@ -78,14 +78,14 @@ def test_a_fine_level_doubles_the_pixel_resolution_and_sees_the_image(image_size
     with torch.no_grad():
         taps = model.encoder.forward_intermediates(image, ids, pad, cfg.taps)
         feats = model.fpn(taps, pad, g, image)
-        logits = model.decoder(feats.pixel, feats.mid, feats.text, pad)
+        logits, presence, iou = model.decoder(feats.pixel, feats.mid, feats.text, pad)
         with pytest.raises(ValueError, match="pass the image"):
             model.fpn(taps, pad, g)
     assert feats.pixel.shape == (2, 8, 8 * g, 8 * g) and logits.shape == (2, 1, 8 * g, 8 * g)
     # The image reaches the mask by the fine level as well as through the encoder: with the encoder's
     # taps held fixed, changing one pixel still changes the logits next to it.
     probe = image.clone().requires_grad_(True)
-    out = model.decoder(*model.fpn(taps, pad, g, probe)[:3], pad)
+    out = model.decoder(*model.fpn(taps, pad, g, probe)[:3], pad)[0]
     out[0, 0, 5, 5].backward()
     assert probe.grad[0, :, 5, 5].abs().sum() > 0 and probe.grad[1].abs().sum() == 0
     with pytest.raises(ValueError, match="divisible by 8"):
@@ -116,7 +116,9 @@ def test_train_and_eval_return_the_same_type():
     with torch.no_grad():
         out_eval = model.eval()(image, ids, pad)
     assert type(out_train) is type(out_eval) is SegmenterOutput
-    assert out_train._fields == ("mask_logits",) and type(out_eval.mask_logits) is torch.Tensor
+    assert out_train._fields == ("mask_logits", "presence_logits", "iou_pred")
+    assert type(out_eval.mask_logits) is type(out_eval.presence_logits) is type(out_eval.iou_pred) is torch.Tensor
+    assert out_eval.presence_logits.shape == out_eval.iou_pred.shape == (2,)
     assert out_train.mask_logits.shape == out_eval.mask_logits.shape
     with torch.no_grad():
         assert model(image, ids).mask_logits.shape == out_eval.mask_logits.shape  # no padding mask: every token is real
@@ -130,7 +132,7 @@ def test_every_trainable_parameter_gets_a_gradient(fine_width):
     image, ids, pad = _inputs(cfg)
     target = torch.zeros(2, 1, cfg.image_size, cfg.image_size)
     target[:, :, 8:40, 16:48] = 1
-    segmentation_loss(model(image, ids, pad).mask_logits, target)["loss"].backward()
+    referring_loss(model(image, ids, pad), target)["loss"].backward()  # the training loss, every head
     frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
     assert frozen == ["encoder.norm.A.bias", "encoder.norm.A.weight", "encoder.norm.B.bias", "encoder.norm.B.weight"]
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]

@@ -14,17 +14,41 @@ from sharedris.modeling.segmenter import SegmenterOutput
 
 
 def referring_loss(output: SegmenterOutput, target: torch.Tensor, *, bce_weight: float = 2.0,
-                   dice_weight: float = 0.5) -> dict[str, torch.Tensor]:
+                   dice_weight: float = 0.5, presence_weight: float = 0.5,
+                   iou_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """The weighted sum of every term for a batch of model outputs.
+
+    - mask: ``bce_weight * BCE + dice_weight * Dice`` (:func:`segmentation_loss`). An expression that
+      refers to nothing has an empty target, so its mask is trained towards empty.
+    - presence (with a presence head): BCE of the presence logit against "the target is not empty".
+    - iou (with an IoU head): squared error between the predicted IoU and the IoU of the model's own
+      thresholded mask with the target, detached (1 when both are empty), as SAM trains its IoU head.
 
     Args:
         output: the model's output for a batch.
         target: ``Bx1xHxW`` or ``BxHxW`` ground-truth masks at the logits' resolution.
-        bce_weight, dice_weight: weights of the mask terms.
+        bce_weight, dice_weight, presence_weight, iou_weight: weights of the terms (``LossConfig``).
     Returns:
-        ``{"loss": weighted sum, "bce": ..., "dice": ...}`` (terms unweighted), float32 scalars.
+        ``{"loss": weighted sum, "bce": ..., "dice": ..., "presence": ..., "iou": ...}`` (terms
+        unweighted, float32 scalars; a head's term only when the model has that head).
     """
-    return segmentation_loss(output.mask_logits, target, bce_weight, dice_weight)
+    terms = segmentation_loss(output.mask_logits, target, bce_weight, dice_weight)
+    loss = terms["loss"]
+    with torch.autocast(device_type=target.device.type, enabled=False):
+        present = target.flatten(1).any(dim=1).float()  # (B,)
+        if output.presence_logits is not None:
+            terms["presence"] = F.binary_cross_entropy_with_logits(output.presence_logits.float(), present)
+            loss = loss + presence_weight * terms["presence"]
+        if output.iou_pred is not None:
+            pred = (output.mask_logits.detach() > 0).flatten(1)  # (B, H*W)
+            gt = target.flatten(1) > 0.5
+            inter = (pred & gt).sum(dim=1).float()
+            union = (pred | gt).sum(dim=1).float()
+            real_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+            terms["iou"] = F.mse_loss(output.iou_pred.float(), real_iou)
+            loss = loss + iou_weight * terms["iou"]
+    terms["loss"] = loss
+    return terms
 
 
 def segmentation_loss(

@@ -23,6 +23,10 @@ class DecoderConfig:
     The token width is the FPN's (``FPNConfig.width``), passed to :class:`MaskDecoder`.
 
     Args:
+        presence_head: predict, from the query, a logit that anything in the image matches the
+            expression (generalized referring segmentation: no-target expressions).
+        iou_head: predict, from the query, the IoU of the model's own thresholded mask with the
+            target (a quality score, as SAM's IoU head).
         depth: number of Multiway blocks N_dec.
         num_heads: attention heads.
         mlp_ratio: FFN hidden width is ``width * mlp_ratio``.
@@ -31,6 +35,8 @@ class DecoderConfig:
 
     depth: int = 2
     num_heads: int = 8
+    presence_head: bool = True
+    iou_head: bool = True
     mlp_ratio: float = 2.0
     eps: float = 1e-5
 
@@ -61,6 +67,9 @@ class MaskDecoder(nn.Module):
         )
         self.query_norm = nn.LayerNorm(C, eps=cfg.eps)  # the blocks are pre-LN: their output is not normalized
         self.mask_mlp = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, C), nn.GELU(), nn.Linear(C, Cp))
+        # Two small heads on the same query: it has seen the whole image and the whole expression.
+        self.presence_mlp = _head(C) if cfg.presence_head else None
+        self.iou_mlp = _head(C) if cfg.iou_head else None
         self.mid_to_pixel = nn.Linear(C, Cp) if Cp != C else nn.Identity()
         # <m, F> sums Cp products: 1/sqrt(Cp) keeps the initial logits O(1), as in scaled attention.
         self.logit_scale = nn.Parameter(torch.tensor(Cp**-0.5))
@@ -70,8 +79,9 @@ class MaskDecoder(nn.Module):
         """Parameter names (relative to this module) that take no weight decay, besides norms/biases."""
         return {"query_embed", "logit_scale", "logit_bias"}
 
-    def forward(self, pixel: Tensor, mid: Tensor, text: Tensor, text_padding_mask: Tensor | None) -> Tensor:
-        """Decode mask logits.
+    def forward(self, pixel: Tensor, mid: Tensor, text: Tensor,
+                text_padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Decode mask logits, and the presence logit and predicted IoU where the heads exist.
 
         Args:
             pixel: (B, Cp, h, w) pixel features F (4g x 4g, or 8g x 8g with a fine level).
@@ -79,7 +89,8 @@ class MaskDecoder(nn.Module):
             text: (B, L, C) refined text tokens T'; token 0 is the sentence start, never padding.
             text_padding_mask: (B, L) bool, True = padding; or None.
         Returns:
-            (B, 1, h, w) mask logits at the pixel-feature resolution.
+            (B, 1, h, w) mask logits at the pixel-feature resolution; (B,) presence logits or None;
+            (B,) predicted IoU (unbounded regression output) or None.
         """
         B, C, g, _ = mid.shape
         query = self.query_proj(text[:, :1]) + self.query_embed  # (B, 1, C)
@@ -90,11 +101,19 @@ class MaskDecoder(nn.Module):
         attn_mask = key_padding_to_attn_mask(g * g, text_padding_mask)
         for block in self.blocks:
             xv, xt = block(xv, xt, attn_mask)
-        m = self.mask_mlp(self.query_norm(xt[:, 0]))  # (B, Cp)
+        q = self.query_norm(xt[:, 0])  # (B, C)
+        m = self.mask_mlp(q)  # (B, Cp)
+        presence = self.presence_mlp(q)[:, 0] if self.presence_mlp is not None else None  # (B,)
+        iou = self.iou_mlp(q)[:, 0] if self.iou_mlp is not None else None  # (B,)
         # The last block's vision stream (attention output projection, FFN) would otherwise be computed
         # and never used, leaving parameters without gradients (which DDP rejects). Adding the
         # query-aware map into the pixel features, as SAM does with its updated image embedding, uses it.
         xv = self.mid_to_pixel(xv).transpose(1, 2).reshape(B, -1, g, g)  # (B, Cp, g, g)
         pixel = pixel + F.interpolate(xv, size=pixel.shape[-2:], mode="bilinear", align_corners=False)
         logits = torch.einsum("bc,bchw->bhw", m, pixel)  # (B, h, w)
-        return (logits * self.logit_scale + self.logit_bias).unsqueeze(1)
+        return (logits * self.logit_scale + self.logit_bias).unsqueeze(1), presence, iou
+
+
+def _head(width: int) -> nn.Sequential:
+    """A two-layer MLP from the query to one number."""
+    return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))

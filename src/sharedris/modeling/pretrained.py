@@ -22,7 +22,8 @@ FORMAT = "sharedris"
 # 2: training settings (encoder drop_path_rate, grad_checkpointing) and derived values (image_size,
 # decoder width) left the model config; version-1 files are read by dropping them (_upgrade_v1).
 FORMAT_VERSION = 2
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE, VOCABULARY_FILE = "config.json", "model.safetensors", "vocabulary.json"
+HEADS = {"presence_head": "decoder.presence_mlp.", "iou_head": "decoder.iou_mlp."}  # config flag -> weights
 
 
 class PretrainedError(ValueError):
@@ -55,7 +56,8 @@ def save_pretrained(model: SharedRIS, out_dir: str | Path, tokenizer_file: str |
     The config is ``model.config``; the tokenizer is ``tokenizer_file``, else the model's own
     (``model.tokenizer_file``), else the bundled one of ``model.config.tokenizer``.
     ``dtype=torch.float16`` halves the file (the bundled default model); :func:`load_pretrained`
-    always returns fp32 weights.
+    always returns fp32 weights. A model with a ``vocabulary`` (the words its training expressions
+    used) also gets ``vocabulary.json``, with its ``description``.
     """
     from safetensors.torch import save_file
 
@@ -66,6 +68,9 @@ def save_pretrained(model: SharedRIS, out_dir: str | Path, tokenizer_file: str |
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
     atomic_write(out / cfg.tokenizer, lambda p: shutil.copyfile(tokenizer_file, p))
+    if model.vocabulary is not None:
+        vocab = {"description": model.description, "words": sorted(model.vocabulary)}
+        atomic_write(out / VOCABULARY_FILE, lambda p: p.write_text(json.dumps(vocab, indent=1)))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict()}
     atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
     return out
@@ -79,6 +84,8 @@ def _upgrade_v1(model: dict) -> dict:
     size = model.pop("image_size", None)
     if size is not None and size != model["encoder"].get("image_size", size):
         raise ValueError(f"image_size {size} differs from encoder.image_size {model['encoder']['image_size']}")
+    for flag in HEADS:  # format 1 predates the presence and IoU heads
+        model["decoder"].setdefault(flag, False)
     width = model["decoder"].pop("width", None)
     if width is not None and width != model.get("fpn", {}).get("width", width):
         raise ValueError(f"decoder.width {width} differs from fpn.width {model['fpn']['width']}")
@@ -120,15 +127,37 @@ def load_pretrained(path: str | Path = "default", device: torch.device | str = "
     expected = model.state_dict()
     mismatched = sorted(k for k in expected if k not in state or state[k].shape != expected[k].shape)
     unexpected = sorted(set(state) - set(expected))
+    head_weights = [k for k in mismatched if k.startswith(tuple(HEADS.values())) and k not in state]
+    if head_weights and len(head_weights) == len(mismatched) and not unexpected:
+        missing_heads = [f for f, prefix in HEADS.items() if any(k.startswith(prefix) for k in head_weights)]
+        raise PretrainedError(f"{folder / WEIGHTS_FILE} has no weights for the {' and '.join(missing_heads)} that "
+                              f"{CONFIG_FILE} asks for (it was saved before the model had them); set "
+                              f"{', '.join('decoder.' + f for f in missing_heads)} to false in {CONFIG_FILE} to "
+                              "load it without them, or retrain it")
     if mismatched or unexpected:
         names = (mismatched + unexpected)[:3]
         raise PretrainedError(f"{folder / WEIGHTS_FILE} does not fit the architecture in {CONFIG_FILE} "
                               f"(e.g. {names}); the weights belong to another model")
     model.load_state_dict(state)
     model.tokenizer_file = folder / cfg.tokenizer
+    model.vocabulary, model.description = _read_vocabulary(folder)
     if not model.tokenizer_file.is_file():
         raise PretrainedError(f"{folder} lacks its tokenizer file {cfg.tokenizer}")
     return model.to(device).eval()
+
+
+def _read_vocabulary(folder: Path) -> tuple[frozenset[str] | None, str | None]:
+    """The words of ``folder/vocabulary.json`` and its description; (None, None) without the file."""
+    path = folder / VOCABULARY_FILE
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+        words = frozenset(str(w).lower() for w in data["words"])
+        description = data.get("description")
+    except (ValueError, KeyError, TypeError) as e:
+        raise PretrainedError(f"{path} is not a vocabulary file ({e}); it needs {{\"words\": [...]}}") from None
+    return words, None if description is None else str(description)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -18,9 +18,15 @@ class SegmenterOutput(NamedTuple):
     """What :class:`SharedRIS` returns, in training and evaluation alike (a tuple, so it exports).
 
     mask_logits: (B, 1, H, W) mask logits at the input size; logit > 0 (probability > 0.5) is the mask.
+    presence_logits: (B,) logit that something in the image matches the expression; None without
+        a presence head.
+    iou_pred: (B,) predicted IoU of the thresholded mask with the target (trained towards [0, 1]);
+        None without an IoU head.
     """
 
     mask_logits: Tensor
+    presence_logits: Tensor | None = None
+    iou_pred: Tensor | None = None
 
 
 class SharedRIS(nn.Module):
@@ -37,6 +43,9 @@ class SharedRIS(nn.Module):
 
     ``tokenizer_file`` is the SentencePiece file that came with loaded weights (None for a model
     built from a config: the predictor then uses the bundled tokenizer of ``config.tokenizer``).
+    ``vocabulary`` (frozenset of lower-case words, or None for an open vocabulary) and
+    ``description`` (what it was trained on, or None) come from the training data and travel
+    with saved weights.
 
     Encoder parts that this model never runs (the final norm, which the taps precede, and any block
     after the deepest tap) are frozen: they stay in the state dict for checkpoint compatibility, but
@@ -47,6 +56,8 @@ class SharedRIS(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer_file: Path | None = None
+        self.vocabulary: frozenset[str] | None = None
+        self.description: str | None = None
         self.encoder = encoder
         self.fpn = fpn
         self.decoder = decoder
@@ -71,5 +82,6 @@ class SharedRIS(nn.Module):
         """
         taps = self.encoder.forward_intermediates(image, text_ids, text_padding_mask, self.taps)
         feats = self.fpn(taps, text_padding_mask, self.encoder.cfg.grid_size, image)
-        logits = self.decoder(feats.pixel, feats.mid, feats.text, text_padding_mask)  # (B, 1, 4g or 8g, same)
-        return SegmenterOutput(F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False))
+        logits, presence, iou = self.decoder(feats.pixel, feats.mid, feats.text, text_padding_mask)  # (B, 1, 4g or 8g, same)
+        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return SegmenterOutput(logits, presence, iou)

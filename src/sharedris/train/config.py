@@ -24,8 +24,16 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
+    """Weights of the training loss terms (``sharedris.losses.referring_loss``).
+
+    The mask term is ``bce_weight * BCE + dice_weight * Dice``; ``presence_weight`` weighs the
+    presence head's BCE (does anything match), ``iou_weight`` the IoU head's squared error.
+    """
+
     bce_weight: float = 2.0
     dice_weight: float = 0.5
+    presence_weight: float = 0.5
+    iou_weight: float = 1.0
 
 
 @dataclass
@@ -60,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/default"
     eval_every: int = 1  # epochs
+    select_on: str = "oIoU"  # val metric that picks best/: oIoU, mIoU, or gIoU/cIoU (data with no-target expressions)
     checkpoint_every: int = 500  # steps, besides every epoch end
     log_every: int = 20  # steps
 
