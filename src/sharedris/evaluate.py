@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from sharedris.data.datasets import RISSamples, collate
 from sharedris.data.sample import Source
 from sharedris.data.transforms import mask_to_tensor
-from sharedris.metrics import RISMeter
+from sharedris.metrics import METRIC_KEYS, GRESMeter, RISMeter
 from sharedris.predictor import Predictor, masks_from_logits
 from sharedris.progress import progress as progress_bar
 from sharedris.text import Tokenizer
@@ -58,8 +58,11 @@ def evaluate(
             pass the same list.
     Returns:
         ``{"overall": metrics, "groups": {name: metrics}, "num_samples": n, "protocol": ...,
-        "precision": ...}`` with the keys of :func:`sharedris.metrics.compute_ris_metrics` in each
-        metrics dict.
+        "precision": ..., "presence_threshold": ...}``. Each metrics dict holds the keys of
+        :func:`sharedris.metrics.compute_ris_metrics` over the expressions that refer to something
+        (None when there are none) and ``cIoU``, ``gIoU``, ``N-acc``, ``T-acc`` of
+        :func:`sharedris.metrics.compute_gres_metrics` over all of them, "no target" being the
+        model's presence probability below the threshold (never, for a model without a presence head).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
@@ -72,31 +75,45 @@ def evaluate(
     loader = DataLoader(samples, batch_size=batch_size, sampler=range(rank, len(samples), world),
                         num_workers=num_workers, collate_fn=collate)
     overall = RISMeter()
-    per_group = {g: RISMeter() for g in groups}
+    per_group = {g: (RISMeter(), GRESMeter()) for g in groups}
+    overall = (RISMeter(), GRESMeter())
     for batch in progress_bar(loader, desc="eval", disable=not progress or rank != 0, leave=False):
         ids, pad = predictor.tokenizer(batch["text"])
-        logits = predictor.forward(batch["image"], ids, pad).mask_logits  # (B, 1, S, S)
+        output = predictor.forward(batch["image"], ids, pad)
+        logits = output.mask_logits  # (B, 1, S, S)
+        absent = ((torch.sigmoid(output.presence_logits) < predictor.presence_threshold).tolist()
+                  if output.presence_logits is not None else [False] * len(logits))
         for i, gt in enumerate(batch["orig_mask"]):
             if protocol == "original":
                 pred = masks_from_logits(logits[i:i + 1], *gt.shape)[0]
             else:
                 pred = masks_from_logits(logits[i:i + 1], resized_size, resized_size)[0]
                 gt = mask_to_tensor(gt, resized_size)[0].numpy() > 0.5
-            pred_np = pred.cpu().numpy()
-            overall.update(pred_np, gt)
-            group = batch["group"][i]
-            if group in per_group:
-                per_group[group].update(pred_np, gt)
+            pred_np = pred.cpu().numpy() & (not absent[i])  # "no match" answers with an empty mask
+            for ris, gres in [overall] + ([per_group[batch["group"][i]]] if batch["group"][i] in per_group else []):
+                if gt.any():  # oIoU, mIoU and P@X are over expressions that refer to something
+                    ris.update(pred_np, gt)
+                gres.update(pred_np, gt, absent[i])
     model.train(was_training)
-    for meter in (overall, *per_group.values()):
+    for meter in (*overall, *(m for pair in per_group.values() for m in pair)):
         meter.all_reduce_()
-    if overall.count == 0:
+    if overall[1].count == 0:
         raise ValueError("the evaluation set is empty")
     return {
-        "overall": overall.compute(),
-        "groups": {g: m.compute() for g, m in per_group.items() if m.count > 0},
-        "num_samples": overall.count,
+        "overall": _metrics(*overall),
+        "groups": {g: _metrics(*pair) for g, pair in per_group.items() if pair[1].count > 0},
+        "num_samples": overall[1].count,
         "protocol": protocol if protocol == "original" else f"resized{resized_size}",
         "precision": predictor.precision,
+        "presence_threshold": predictor.presence_threshold,
     }
 
+
+def _metrics(ris: RISMeter, gres: GRESMeter) -> dict[str, float | None]:
+    """oIoU/mIoU/P@X over target expressions (None where there are none) and the GRES metrics.
+
+    GRES's Pr@X equals P@X here (a "no match" answer is an empty mask), so it is not repeated.
+    """
+    values: dict[str, float | None] = ris.compute() if ris.count else dict.fromkeys(METRIC_KEYS)
+    values.update({k: v for k, v in gres.compute().items() if k not in values})
+    return values

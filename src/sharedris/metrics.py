@@ -304,6 +304,11 @@ class GRESMeter(_SummingMeter):
         for k, threshold in enumerate(_EXACT_GRES_THRESHOLDS):
             self.hits[k] += _reaches(intersection, union, threshold)
 
+    @property
+    def count(self) -> int:
+        """Samples added so far (target and no-target)."""
+        return self.targets + self.no_targets
+
     def compute(self) -> dict[str, float]:
         """Return ``{"cIoU", "gIoU", "N-acc", "T-acc", "P@0.7", "P@0.8", "P@0.9"}`` as fractions in ``[0, 1]``."""
         count = self.targets + self.no_targets
@@ -376,25 +381,30 @@ def compute_gres_metrics(preds: Iterable[Mask], gts: Iterable[Mask],
     return meter.compute()
 
 
-def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
+def format_table(results: Mapping[str, Mapping[str, float | None]]) -> str:
     """Render metrics as a text table, one row per name (split, dataset family...).
 
     Args:
-        results: ``{row name: output of compute_ris_metrics}``; values are fractions.
+        results: ``{row name: metrics}``: the output of :func:`compute_ris_metrics`, optionally
+            with the GRES keys ``cIoU``, ``gIoU``, ``N-acc``, ``T-acc`` (shown when any row has
+            them); values are fractions, or None (shown as "-") where a metric has no samples.
 
     Returns:
-        The table with columns ``oIoU, mIoU, P@0.5..P@0.9`` as percentages with 2 decimals.
+        The table with columns ``oIoU, mIoU, P@0.5..P@0.9`` (then the GRES ones) as percentages
+        with 2 decimals.
     """
+    gres = [k for k in GRES_METRIC_KEYS if not k.startswith("P@") and any(k in m for m in results.values())]
+    columns = [*METRIC_KEYS, *gres]
     name_width = max([len("split"), *(len(name) for name in results)])
-    widths = [max(len(key), len("100.00")) for key in METRIC_KEYS]
-    header = (f"{key:>{width}}" for key, width in zip(METRIC_KEYS, widths))
+    widths = [max(len(key), len("100.00")) for key in columns]
+    header = (f"{key:>{width}}" for key, width in zip(columns, widths))
     lines = ["  ".join([f"{'split':<{name_width}}", *header])]
     for name, metrics in results.items():
-        missing = [key for key in METRIC_KEYS if key not in metrics]
+        missing = [key for key in columns if key not in metrics]
         if missing:
             raise ValueError(
                 f"row {name!r} lacks {missing}; pass the output of compute_ris_metrics"
             )
-        cells = (f"{100 * metrics[k]:>{w}.2f}" for k, w in zip(METRIC_KEYS, widths))
+        cells = ("-".rjust(w) if metrics[k] is None else f"{100 * metrics[k]:>{w}.2f}" for k, w in zip(columns, widths))
         lines.append("  ".join([f"{name:<{name_width}}", *cells]))
     return "\n".join(lines)

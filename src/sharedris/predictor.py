@@ -13,7 +13,8 @@ does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -32,15 +33,26 @@ from sharedris.text import Tokenizer, validate_texts
 
 @dataclass
 class Prediction:
-    """Masks at the image's original (displayed) size.
+    """Masks at the image's original (displayed) size, one per expression, and how sure the model is.
 
-    masks: (N, H, W) bool, one per expression.
-    scores: (N,) float, the mean foreground probability inside each mask (0 for an empty mask).
-    probs: (N, H, W) float32 foreground probabilities, only when asked for (``return_probs``).
+    masks: (N, H, W) bool; empty where the expression matches nothing (``present`` below the
+        predictor's ``presence_threshold``).
+    scores: (N,) float32, the model's predicted IoU of each mask with what the expression refers
+        to, in [0, 1] (a model without an IoU head: the mean foreground probability inside the mask).
+    present: (N,) float32, the probability that something in the image matches the expression
+        (1 for a model without a presence head).
+    matched: (N,) bool, ``present >= presence_threshold``: False means "no match".
+    unknown_words: per expression, the words the model never saw in training (always empty for a
+        model with an open vocabulary).
+    probs: (N, H, W) float32 foreground probabilities, only when asked for (``return_probs``); not
+        emptied for "no match".
     """
 
     masks: np.ndarray
     scores: np.ndarray
+    present: np.ndarray
+    matched: np.ndarray
+    unknown_words: list[list[str]] = field(default_factory=list)
     probs: np.ndarray | None = None
 
 
@@ -80,16 +92,24 @@ class Predictor:
             model's own (``model.tokenizer_file``), else the bundled one named by its config.
         device: where to run; the model is moved there. CPU by default.
         precision: ``fp32``, ``bf16``, ``int8`` or ``auto`` (see :mod:`sharedris.precision`).
+        presence_threshold: an expression whose presence probability is below this matches
+            nothing: its mask is empty.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | str | Path | None = None,
-                 device: torch.device | str = "cpu", precision: str = "fp32") -> None:
+                 device: torch.device | str = "cpu", precision: str = "fp32",
+                 presence_threshold: float = 0.5) -> None:
         config = getattr(model, "config", None)
         if not isinstance(config, ModelConfig):
             raise ValueError("Predictor needs a Shared-RIS model (from sharedris.build_model or "
                              "sharedris.load_pretrained), which carries its config")
+        if not 0.0 <= presence_threshold <= 1.0:
+            raise ValueError(f"presence_threshold must be in [0, 1], got {presence_threshold}")
         self.device = torch.device(device)
         self.config = config
+        self.presence_threshold = presence_threshold
+        self.vocabulary: frozenset[str] | None = getattr(model, "vocabulary", None)
+        self.description: str | None = getattr(model, "description", None)
         if not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer(resolve_tokenizer(config, tokenizer or getattr(model, "tokenizer_file", None)),
                                   max_len=config.text_len)
@@ -110,17 +130,36 @@ class Predictor:
         """
         with autocast_context(self.device, self.amp_dtype):
             out = self.model(images.to(self.device), ids.to(self.device), pad.to(self.device))
-        return SegmenterOutput(*(t.float() for t in out))
+        return SegmenterOutput(*(None if t is None else t.float() for t in out))
 
-    def postprocess(self, output: SegmenterOutput, height: int, width: int,
-                    return_probs: bool = False) -> Prediction:
-        """Masks of the pairs in ``output`` (all of one image) at that image's ``height`` x ``width``."""
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` outside the model's training vocabulary (none for an open vocabulary)."""
+        if self.vocabulary is None:
+            return []
+        words = re.findall(r"[^\W\d_]+", text.lower())
+        return sorted({w for w in words if w not in self.vocabulary}, key=words.index)
+
+    def postprocess(self, output: SegmenterOutput, height: int, width: int, return_probs: bool = False,
+                    texts: Sequence[str] = ()) -> Prediction:
+        """Masks of the pairs in ``output`` (all of one image) at that image's ``height`` x ``width``.
+
+        ``texts`` (the expressions, in order) fill ``unknown_words``.
+        """
         logits = resize_logits(output.mask_logits[:, 0], height, width)  # (N, H, W)
-        masks = logits > 0
         probs = torch.sigmoid(logits)
-        area = masks.flatten(1).sum(1)
-        scores = torch.where(area > 0, (probs * masks).flatten(1).sum(1) / area.clamp(min=1), 0.0)
+        masks = logits > 0
+        n = len(logits)
+        present = torch.sigmoid(output.presence_logits) if output.presence_logits is not None else torch.ones(n)
+        matched = present.cpu() >= self.presence_threshold
+        masks &= matched.to(masks.device)[:, None, None]
+        if output.iou_pred is not None:
+            scores = output.iou_pred.clamp(0.0, 1.0)
+        else:
+            area = masks.flatten(1).sum(1)
+            scores = torch.where(area > 0, (probs * masks).flatten(1).sum(1) / area.clamp(min=1), 0.0)
         return Prediction(masks=masks.cpu().numpy(), scores=scores.cpu().numpy().astype(np.float32),
+                          present=present.cpu().numpy().astype(np.float32), matched=matched.numpy(),
+                          unknown_words=[self.unknown_words(t) for t in texts],
                           probs=probs.cpu().numpy() if return_probs else None)
 
     def predict(self, image: ImageInput, texts: str | Sequence[str], return_probs: bool = False) -> Prediction:
@@ -130,7 +169,8 @@ class Predictor:
         orientation is applied and any mode is converted to RGB. All expressions go through the
         model in one batch; the image is shared, not copied.
         """
-        ids, pad = self.prepare_texts(texts)
+        texts = validate_texts(texts)
+        ids, pad = self.tokenizer(texts)
         x, (height, width) = self.preprocess_image(image)
         output = self.forward(x[None].expand(len(ids), -1, -1, -1), ids, pad)
-        return self.postprocess(output, height, width, return_probs)
+        return self.postprocess(output, height, width, return_probs, texts)

@@ -88,7 +88,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None) -> 
     The run folder gets ``config.yaml`` (the resolved config), ``log.jsonl`` (one line per logged
     step; losses are means over the global batch), ``metrics/epoch_XXX.json`` per evaluation,
     ``stem_pretrain.json`` (with ``stem_pretrain.steps``: the stage's per-step loss and accuracy),
-    ``last.pt`` (resume state), ``best/`` (the self-describing checkpoint with the best val oIoU)
+    ``last.pt`` (resume state), ``best/`` (the self-describing checkpoint with the best val
+    ``select_on`` metric)
     and ``final/``.
     """
     info = init_distributed(device)
@@ -105,6 +106,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
                          f"grad_accum {cfg.grad_accum}")
     if cfg.data.val_split.lower().startswith("test"):
         raise ValueError(f"data.val_split={cfg.data.val_split!r}: checkpoints are never selected on a test split")
+    if cfg.select_on not in ("oIoU", "mIoU", "gIoU", "cIoU"):
+        raise ValueError(f"select_on={cfg.select_on!r}: choose oIoU, mIoU, gIoU or cIoU")
     amp_dtype = training_amp_dtype(cfg.amp, info.device)
 
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
@@ -122,6 +125,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
 
     train_set = RISSamples(build_source(cfg.data, cfg.data.train_split, train=True),
                            mcfg.image_size, mcfg.mean, mcfg.std)
+    # what the training expressions can say (None: an open vocabulary) travels with the weights
+    model.vocabulary = getattr(train_set.source, "vocabulary", None)
+    model.description = getattr(train_set.source, "description", None)
     val_source = build_source(cfg.data, cfg.data.val_split, train=False)
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -262,10 +268,12 @@ def _validate(cfg: TrainConfig, model, val_source, tokenizer, info: DistInfo, am
     if info.is_main:
         atomic_write(out / "metrics" / f"epoch_{epoch:03d}.json",
                      lambda p: p.write_text(json.dumps(result, indent=2)))
-        write(f"epoch {epoch}: val oIoU {result['overall']['oIoU']:.4f} mIoU {result['overall']['mIoU']:.4f}")
-        if result["overall"]["oIoU"] > best:
+        overall = result["overall"]
+        write(f"epoch {epoch}: val oIoU {overall['oIoU']:.4f} mIoU {overall['mIoU']:.4f} "
+              f"gIoU {overall['gIoU']:.4f} N-acc {overall['N-acc']:.4f}")
+        if overall[cfg.select_on] > best:
             save_pretrained(model, out / "best")
-    return max(best, result["overall"]["oIoU"])
+    return max(best, result["overall"][cfg.select_on])
 
 
 def _save_resume(cfg: TrainConfig, model, optimizer, scheduler, scaler, step: int, best: float, elapsed: float,
