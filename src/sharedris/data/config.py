@@ -23,6 +23,9 @@ class DataConfig:
     # as often. The four target families by default; add no_target and multi_target for generalised
     # referring (empty and union masks).
     synthetic_train_families: tuple[str, ...] = FAMILIES
+    # Background styles drawn per scene, training and evaluation alike (sharedris.data.synthetic.STYLES:
+    # texture, plain, gradient, stripes); the texture scenes are the same whichever others are listed.
+    synthetic_styles: tuple[str, ...] = ("texture",)
     synthetic_fresh_epochs: bool = False  # each epoch new training scenes (e*N..e*N+N-1) instead of the same N
     seed: int = 0
     shuffle_texts: bool = False  # control experiment: texts permuted across samples

@@ -24,6 +24,7 @@ def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
         shuffle_texts=cfg.shuffle_texts and train,
         fresh_epochs=cfg.synthetic_fresh_epochs and train,
         balanced=not train,  # every family alike in evaluation
+        styles=cfg.synthetic_styles,
     )
 
 

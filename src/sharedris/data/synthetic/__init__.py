@@ -32,7 +32,7 @@ from sharedris.data.synthetic.families import (
 )
 from sharedris.data.synthetic.geometry import COLOUR_JITTER, COLOURS, SHAPES
 from sharedris.data.synthetic.refer_format import write_refer_format
-from sharedris.data.synthetic.scene import NOISE
+from sharedris.data.synthetic.scene import NOISE, STYLES
 
 __all__ = [
     "CENTRE_RADIUS",
@@ -47,6 +47,7 @@ __all__ = [
     "SHAPES",
     "SIZE_RATIO",
     "SPLITS",
+    "STYLES",
     "SyntheticRefScenes",
     "SyntheticSample",
     "write_refer_format",

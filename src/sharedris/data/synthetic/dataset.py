@@ -16,7 +16,7 @@ import numpy as np
 from sharedris.data.sample import RefSample
 from sharedris.data.synthetic.families import FAMILIES, GENERAL_FAMILIES, NO_TARGET, vocabulary
 from sharedris.data.synthetic.geometry import COLOURS, SHAPES
-from sharedris.data.synthetic.scene import Scene, lay_out, render
+from sharedris.data.synthetic.scene import STYLES, Scene, lay_out, render
 
 SPLITS: dict[str, int] = {"train": 1, "val": 2, "test": 3, "testA": 4, "testB": 5}
 # Non-zero 4th entropy word of the auxiliary RNGs (text shuffle, refer writer): SeedSequence pads
@@ -24,9 +24,17 @@ SPLITS: dict[str, int] = {"train": 1, "val": 2, "test": 3, "testA": 4, "testB": 
 AUX_TAG = 7919
 
 
-def _listing(words: list[str]) -> str:
-    """English enumeration: "a, b and c"."""
-    return f"{', '.join(words[:-1])} and {words[-1]}"
+def _listing(words: list[str], last: str = "and") -> str:
+    """English enumeration: "a, b and c"; one word alone."""
+    return f"{', '.join(words[:-1])} {last} {words[-1]}" if len(words) > 1 else words[0]
+
+
+def _description(styles: Sequence[str]) -> str:
+    """What the scenes are, in one phrase that reads after "trained on"."""
+    backgrounds = {"texture": "textured", "plain": "plain", "gradient": "graded", "stripes": "striped"}
+    kinds = _listing([backgrounds[s] for s in dict.fromkeys(styles)], "or")
+    return (f"synthetic shape scenes: 3 to 6 flat-coloured {_listing([s + 's' for s in SHAPES])} in "
+            f"{_listing(list(COLOURS))} on a {kinds} grey background")
 
 
 class SyntheticSample(RefSample):
@@ -47,6 +55,7 @@ class SyntheticSample(RefSample):
     target: the referred object's index in the four target families, None otherwise.
     anchor: the anchor object's index in ``relation`` scenes, None otherwise (no_target too).
     labels: uint8 (H, W): ``k + 1`` on object ``k``, 0 on the background.
+    style: the background style, one of ``STYLES``.
     split: the split name.
     index: the scene number (differs from the item index after ``set_epoch`` with ``fresh_epochs``).
     """
@@ -59,6 +68,7 @@ class SyntheticSample(RefSample):
     target: int | None
     anchor: int | None
     labels: np.ndarray
+    style: str
     split: str
     index: int
 
@@ -82,6 +92,10 @@ class SyntheticRefScenes:
     sample of the same block (a fixed derangement), so text carries no information while images and
     masks stay: a control experiment. ``family`` stays the family of the scene, not of the text.
 
+    Each scene's background style is drawn uniformly from ``styles`` (``STYLES``: ``texture``, the
+    default, ``plain``, ``gradient``, ``stripes``); it is drawn last, so the scenes of the default
+    style do not depend on which others are offered.
+
     ``vocabulary`` is every word an expression can contain and ``description`` says what the
     scenes are: a model trained on them knows nothing else.
     """
@@ -89,10 +103,7 @@ class SyntheticRefScenes:
     object_classes: tuple[str, ...] = SHAPES
     groups: tuple[str, ...] = GENERAL_FAMILIES
     vocabulary: frozenset[str] = vocabulary()
-    description: str = (
-        f"synthetic shape scenes: 3 to 6 flat-coloured {_listing([s + 's' for s in SHAPES])} in "
-        f"{_listing(list(COLOURS))} on a grey textured background"
-    )
+    description: str = _description(("texture",))  # an instance's says which styles it draws
 
     def __init__(
         self,
@@ -104,6 +115,7 @@ class SyntheticRefScenes:
         shuffle_texts: bool = False,
         fresh_epochs: bool = False,
         balanced: bool = False,
+        styles: Sequence[str] = ("texture",),
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
@@ -111,6 +123,8 @@ class SyntheticRefScenes:
         if unknown or not families:
             raise ValueError(f"families must be a non-empty list of names from {GENERAL_FAMILIES}, "
                              f"got {list(families)}")
+        if not styles or not set(styles) <= set(STYLES):
+            raise ValueError(f"styles must be a non-empty list of names from {STYLES}, got {list(styles)}")
         if size < 64:
             raise ValueError(f"size must be >= 64 to fit the objects, got {size}")
         if length < 0 or seed < 0:
@@ -120,6 +134,8 @@ class SyntheticRefScenes:
         self.shuffle_texts = shuffle_texts
         self.fresh_epochs = fresh_epochs
         self.balanced = balanced
+        self.styles = tuple(styles)
+        self.description = _description(self.styles)
         self._first = 0  # scene number of sample 0
         self._text_source: np.ndarray | None = None
         if shuffle_texts and length > 1:
@@ -151,7 +167,7 @@ class SyntheticRefScenes:
             raise IndexError(f"index {index} out of range for {self.length} samples")
         index %= self.length
         scene, rng = self._lay_out(self._first + index)
-        image = render(scene.labels, scene.objects, rng)
+        image, style = render(scene.labels, scene.objects, rng, self.styles)
         texts = scene.texts
         if self._text_source is not None:
             texts = self._lay_out(self._first + int(self._text_source[index]))[0].texts
@@ -186,6 +202,7 @@ class SyntheticRefScenes:
             "target": scene.targets[0] if scene.family in FAMILIES else None,
             "anchor": scene.anchor,
             "labels": scene.labels,
+            "style": style,
             "split": self.split,
             "index": self._first + index,
         }

@@ -6,7 +6,9 @@ scene is a pure function of the generator's seed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -15,6 +17,22 @@ from sharedris.data.synthetic.families import BUILDERS, FAMILIES, NO_TARGET, hid
 from sharedris.data.synthetic.geometry import Placed, place
 
 NOISE = 8  # per-pixel uniform noise amplitude, kept small so object colours stay recognisable
+
+
+class _Gains(NamedTuple):
+    stripes: float  # times the drawn stripe depth (3-12 grey levels)
+    gradient: float  # times the drawn gradient (up to 25 grey levels across)
+    noise: bool  # per-pixel noise on the whole image
+
+
+# Background styles: today's texture, and variations built from the same draws.
+_STYLE_GAINS = {
+    "texture": _Gains(1.0, 1.0, True),
+    "plain": _Gains(0.0, 0.0, False),
+    "gradient": _Gains(0.0, 3.0, True),
+    "stripes": _Gains(3.0, 0.0, True),
+}
+STYLES: tuple[str, ...] = tuple(_STYLE_GAINS)
 
 _SCENE_TRIES = 200
 
@@ -63,38 +81,50 @@ def _resolved(rng: np.random.Generator, family: str, size: int) -> Scene:
     raise RuntimeError(f"could not lay out a {family!r} scene at size {size}")
 
 
-def render(labels: np.ndarray, objs: list[Placed], rng: np.random.Generator) -> Image.Image:
-    """Paint a grey textured background (gradient, stripes, noise) and the flat-coloured objects.
+def render(
+    labels: np.ndarray, objs: list[Placed], rng: np.random.Generator, styles: Sequence[str] = ("texture",)
+) -> tuple[Image.Image, str]:
+    """Paint a grey background in one of ``styles`` (drawn uniformly) and the flat-coloured objects.
 
-    ``labels`` is the uint8 (S, S) label map of ``objs``; the result is a PIL RGB S x S image.
-    The background stays low-saturation so that it can never be mistaken for an object colour.
+    ``labels`` is the uint8 (S, S) label map of ``objs``; returns a PIL RGB S x S image and its style.
+    Styles (``STYLES``): ``texture`` a soft gradient, faint stripes and per-pixel noise; ``plain``
+    one flat grey, no noise anywhere; ``gradient`` a strong linear gradient; ``stripes`` strong
+    stripes. The background stays low-saturation so that it can never be mistaken for an object
+    colour. Every style makes the same draws, and the style is drawn after them (only when there
+    is a choice), so ``texture`` scenes are the same whatever ``styles`` offers.
     Work is per channel on small arrays: whole float RGB images are big enough for malloc to hand
     them back to the OS after each sample, and the page faults then cost more than the arithmetic.
     """
     size = labels.shape[0]
     u = np.arange(size, dtype=np.float32) / size - 0.5
     gx, gy, fx, fy = rng.uniform(-1.0, 1.0, 4).astype(np.float32) * np.float32([25, 25, 6, 6])
+    phase = np.float32(rng.uniform(0, 2 * np.pi))
+    depth = np.float32(rng.uniform(3, 12))
+    level = np.float32(rng.uniform(80, 170))
+    tint = rng.integers(-8, 9, 3).tolist()  # Python ints: adding a NumPy scalar is slower
+    noise = np.frombuffer(rng.bytes(3 * size * size), dtype=np.uint8)
+    style = styles[int(rng.integers(len(styles)))] if len(styles) > 1 else styles[0]
+    gain = _STYLE_GAINS[style]
     # Stripes sin(a(x) + b(y)) = sin a cos b + cos a sin b: two outer products of 1-D vectors are
     # much cheaper than a sine per pixel. Up to ~8 periods across, a few grey levels deep.
-    a = np.float32(2 * np.pi) * fx * u + np.float32(rng.uniform(0, 2 * np.pi))
+    a = np.float32(2 * np.pi) * fx * u + phase
     b = np.float32(2 * np.pi) * fy * u
     grey = np.outer(np.cos(b), np.sin(a))
     grey += np.outer(np.sin(b), np.cos(a))
-    grey *= np.float32(rng.uniform(3, 12))
-    grey += gx * u[None, :] + gy * u[:, None] + np.float32(rng.uniform(80, 170))
+    grey *= depth * np.float32(gain.stripes)
+    grey += np.float32(gain.gradient) * (gx * u[None, :] + gy * u[:, None]) + level
     grey = grey.astype(np.int16)
-    tint = rng.integers(-8, 9, 3).tolist()  # Python ints: adding a NumPy scalar is slower
     table = np.array([(0, 0, 0)] + [o.rgb for o in objs], dtype=np.int16).T
     foreground = labels > 0
     ids = labels[foreground]
     # Uniform in [0, 2 * NOISE] from random bytes by multiply-shift (far cheaper than % or integers()).
-    noise = np.frombuffer(rng.bytes(3 * size * size), dtype=np.uint8).astype(np.uint16)
-    noise = ((noise * (2 * NOISE + 1)) >> 8).astype(np.int16).reshape(3, size, size)
+    amplitude = NOISE if gain.noise else 0
+    noise = ((noise.astype(np.uint16) * (2 * amplitude + 1)) >> 8).astype(np.int16).reshape(3, size, size)
     channels = []
     for c in range(3):
         channel = grey + tint[c]
         channel[foreground] = table[c][ids]
         channel += noise[c]
-        channel -= NOISE
+        channel -= amplitude
         channels.append(Image.fromarray(np.clip(channel, 0, 255).astype(np.uint8)))
-    return Image.merge("RGB", channels)
+    return Image.merge("RGB", channels), style
