@@ -385,8 +385,14 @@ def test_vocabulary_is_every_word_of_every_family() -> None:
     vocabulary = SyntheticRefScenes.vocabulary
     assert isinstance(vocabulary, frozenset) and all(w == w.lower() and w.isalpha() for w in vocabulary)
     ds = SyntheticRefScenes("train", size=64, length=1500, seed=3, families=GENERAL_FAMILIES)
-    seen = {w for i in range(len(ds)) for t in ds[i]["texts"] for w in t.split()}
-    assert seen == vocabulary  # none missing, and none that no expression uses
+    assert ds.vocabulary == vocabulary
+    seen: dict[str, set[str]] = {family: set() for family in GENERAL_FAMILIES}
+    for s in (ds[i] for i in range(len(ds))):
+        seen[s["family"]].update(w for t in s["texts"] for w in t.split())
+    for family, words in seen.items():  # none missing, and none that no expression uses
+        assert words == SyntheticRefScenes("train", families=[family]).vocabulary, family
+    assert set().union(*seen.values()) == vocabulary
+    assert SyntheticRefScenes("train").vocabulary == seen["no_target"] < vocabulary  # no "all", "both"...
     assert "synthetic" in SyntheticRefScenes.description and "circles" in SyntheticRefScenes.description
 
 

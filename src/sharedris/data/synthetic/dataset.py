@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from sharedris.data.sample import RefSample
-from sharedris.data.synthetic.families import FAMILIES, GENERAL_FAMILIES, NO_TARGET, vocabulary
+from sharedris.data.synthetic.families import FAMILIES, GENERAL_FAMILIES, NO_TARGET
+from sharedris.data.synthetic.families import vocabulary as expression_words
 from sharedris.data.synthetic.geometry import COLOURS, SHAPES
 from sharedris.data.synthetic.scene import STYLES, Scene, lay_out, render
 
@@ -96,13 +97,13 @@ class SyntheticRefScenes:
     default, ``plain``, ``gradient``, ``stripes``); it is drawn last, so the scenes of the default
     style do not depend on which others are offered.
 
-    ``vocabulary`` is every word an expression can contain and ``description`` says what the
-    scenes are: a model trained on them knows nothing else.
+    ``vocabulary`` is every word an expression of ``families`` can contain (on the class: of every
+    family) and ``description`` says what the scenes are: a model trained on them knows nothing else.
     """
 
     object_classes: tuple[str, ...] = SHAPES
     groups: tuple[str, ...] = GENERAL_FAMILIES
-    vocabulary: frozenset[str] = vocabulary()
+    vocabulary: frozenset[str] = expression_words(GENERAL_FAMILIES)  # an instance's: of its families
     description: str = _description(("texture",))  # an instance's says which styles it draws
 
     def __init__(
@@ -135,6 +136,7 @@ class SyntheticRefScenes:
         self.fresh_epochs = fresh_epochs
         self.balanced = balanced
         self.styles = tuple(styles)
+        self.vocabulary = expression_words(self.families)
         self.description = _description(self.styles)
         self._first = 0  # scene number of sample 0
         self._text_source: np.ndarray | None = None

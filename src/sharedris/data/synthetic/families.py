@@ -102,17 +102,22 @@ _SLOT_WORDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _all_templates() -> list[str]:
-    groups = [_COLOUR_SHAPE_TEMPLATES, _SIZE_TEMPLATES, _SIZE_PAIR_TEMPLATES, _SIZE_TRIO_TEMPLATES]
-    groups += [*_POSITION_TEMPLATES.values(), *_RELATION_TEMPLATES.values()]
-    groups += [*_MULTI_TEMPLATES.values(), *_MULTI_COUNTED.values(), *_MULTI_BOTH.values(), *_MULTI_ALL_N.values()]
-    return [t for group in groups for t in group]
+# The templates each family's expressions come from (no_target: those of the target families).
+_FAMILY_TEMPLATES: dict[str, list[tuple[str, ...]]] = {
+    "colour_shape": [_COLOUR_SHAPE_TEMPLATES],
+    "size": [_SIZE_TEMPLATES, _SIZE_PAIR_TEMPLATES, _SIZE_TRIO_TEMPLATES],
+    "position": list(_POSITION_TEMPLATES.values()),
+    "relation": list(_RELATION_TEMPLATES.values()),
+    MULTI_TARGET: [*_MULTI_TEMPLATES.values(), *_MULTI_COUNTED.values(), *_MULTI_BOTH.values(),
+                   *_MULTI_ALL_N.values()],
+}
+_FAMILY_TEMPLATES[NO_TARGET] = [group for family in FAMILIES for group in _FAMILY_TEMPLATES[family]]
 
 
-def vocabulary() -> frozenset[str]:
-    """Every lower-case word an expression of any family can contain, from the templates and word lists."""
+def vocabulary(families: Sequence[str] = GENERAL_FAMILIES) -> frozenset[str]:
+    """Every lower-case word an expression of ``families`` can contain, from the templates and word lists."""
     words: set[str] = set()
-    for template in _all_templates():
+    for template in (t for family in families for group in _FAMILY_TEMPLATES[family] for t in group):
         for token in template.split():
             slot = re.fullmatch(r"([^{]*)\{(\w+)\}(.*)", token)  # at most one slot per word: "{s}s"
             words.update(slot[1] + w + slot[3] for w in _SLOT_WORDS[slot[2]]) if slot else words.add(token)
