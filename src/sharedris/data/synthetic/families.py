@@ -324,12 +324,12 @@ def hide_referent(
         else:
             t.shape = _pick(rng, SHAPES, [t.shape])
         return out
-    if family == "relation" and rng.integers(2):
+    if family == "relation" and anchor is not None and rng.integers(2):
         out[anchor].colour = _pick(rng, list(COLOURS), [out[anchor].colour])
         return out
     shape = t.shape
-    keep = [shape] if anchor is None else [shape, out[anchor].shape]
-    new = _pick(rng, SHAPES, keep)
+    excluded = [shape] if anchor is None else [shape, out[anchor].shape]
+    new = _pick(rng, SHAPES, excluded)
     for s in out:
         if s.shape == shape:
             s.shape = new
