@@ -1,4 +1,5 @@
-"""Overlays: the whole caption is readable at any image width, with the score."""
+"""Overlays: the whole caption is readable at any image width, with the score or "no match"; the
+unknown-words sentence."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from sharedris.render import MAX_CAPTION_LINES, overlay, wrap_text
+from sharedris.render import MAX_CAPTION_LINES, overlay, unknown_words_line, wrap_text
 
 FONT = ImageFont.load_default(size=12)
 
@@ -36,3 +37,26 @@ def test_overlay_grows_its_caption_bar_and_shows_the_score():
     scored = overlay(img, mask, "the box", score=0.87)
     assert scored.size == short.size
     assert not np.array_equal(np.asarray(scored)[: short.height - 96], np.asarray(short)[: short.height - 96])
+
+
+def test_no_match_overlay_draws_no_tint_and_says_so():
+    img, mask = Image.new("RGB", (128, 96), (90, 90, 90)), np.zeros((96, 128), dtype=bool)
+    mask[10:40, 10:40] = True
+    matched = overlay(img, mask, "the box", score=0.87)
+    no_match = overlay(img, mask, "the box", score=0.87, present=0.03, matched=False)
+    np.testing.assert_array_equal(np.asarray(no_match)[-96:], np.asarray(img))  # the plain image, mask or not
+    assert not np.array_equal(np.asarray(matched)[-96:], np.asarray(img))
+    # "no match" and the presence, not the score
+    assert not np.array_equal(np.asarray(no_match)[: no_match.height - 96], np.asarray(matched)[: matched.height - 96])
+    # the plain "no match" caption without a presence differs from the one with it
+    assert not np.array_equal(np.asarray(overlay(img, mask, "the box", matched=False)), np.asarray(no_match))
+    # a long caption still wraps: a taller bar, the image whole below it
+    long = overlay(img, mask, "the circle closest to the purple triangle on the left", present=0.4, matched=False)
+    assert long.height > no_match.height and np.array_equal(np.asarray(long)[-96:], np.asarray(img))
+
+
+def test_unknown_words_line():
+    assert unknown_words_line("default", "synthetic shape scenes", [["cat"], [], ["woman", "cat"]]) == (
+        "the default model was trained on synthetic shape scenes and does not know: cat, woman")
+    assert unknown_words_line("/models/run7/best", None, [["zebra"]]) == "the model best does not know: zebra"
+    assert unknown_words_line("default", "synthetic shape scenes", [[], []]) is None

@@ -1,6 +1,9 @@
-"""Outputs for people and programs: tinted overlays with captions, COCO RLE masks."""
+"""Outputs for people and programs: tinted overlays with captions, COCO RLE masks, the unknown-words sentence."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -10,16 +13,20 @@ MAX_CAPTION_LINES = 6  # a very long expression is cut here, with an ellipsis, r
 
 
 def overlay(image: Image.Image, mask: np.ndarray, caption: str, score: float | None = None,
-            alpha: float = 0.5) -> Image.Image:
+            alpha: float = 0.5, *, present: float | None = None, matched: bool = True) -> Image.Image:
     """``image`` with ``mask`` (HxW bool, same size) tinted and outlined, ``caption`` on a bar above.
 
     The caption (prefixed with ``score`` when given) is wrapped to the image width; the bar grows
     to as many lines as it needs, up to ``MAX_CAPTION_LINES``. The result is W x (H + bar).
+    ``matched=False`` (the expression matches nothing) draws the plain image, no tint, and prefixes
+    the caption with "no match" and the ``present`` probability, when given, instead of the score.
     """
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     m = np.asarray(mask, dtype=bool)
     if m.shape != base.shape[:2]:
         raise ValueError(f"mask is {m.shape}, image is {base.shape[:2]}")
+    if not matched:
+        m = np.zeros_like(m)
     out = base.copy()
     out[m] = (1 - alpha) * base[m] + alpha * np.asarray(TINT, dtype=np.float32)
     # 1-pixel outline where the mask meets the background, so thin masks stay visible
@@ -27,7 +34,10 @@ def overlay(image: Image.Image, mask: np.ndarray, caption: str, score: float | N
     out[edge] = TINT
     tinted = Image.fromarray(out.round().astype(np.uint8))
     font = ImageFont.load_default(size=max(12, image.width // 40))
-    text = caption if score is None else f"{score:.2f}  {caption}"
+    if not matched:
+        text = f"no match (presence {present:.2f})  {caption}" if present is not None else f"no match  {caption}"
+    else:
+        text = caption if score is None else f"{score:.2f}  {caption}"
     lines = wrap_text(" ".join(text.split()), font, max(1, image.width - 8), MAX_CAPTION_LINES)
     line_height = int(font.size * 1.25)
     bar = line_height * len(lines) + int(font.size * 0.5)
@@ -64,6 +74,21 @@ def wrap_text(text: str, font: ImageFont.FreeTypeFont, width: int, max_lines: in
             last = last[:-1]
         lines = lines[: max_lines - 1] + [last.rstrip() + "…"]
     return lines
+
+
+def unknown_words_line(model: str, description: str | None, unknown_words: Sequence[Sequence[str]]) -> str | None:
+    """One sentence naming the words of any expression that the model never saw in training, or None.
+
+    ``model`` names the model (``"default"`` or a checkpoint folder, shown by its last part);
+    ``description`` is what it was trained on (a phrase that reads after "trained on"), or None;
+    ``unknown_words`` holds, per expression, its unknown words (``Prediction.unknown_words``).
+    """
+    words = list(dict.fromkeys(w for per_text in unknown_words for w in per_text))
+    if not words:
+        return None
+    name = "the default model" if model == "default" else f"the model {Path(model).name}"
+    trained = f" was trained on {description} and" if description else ""
+    return f"{name}{trained} does not know: {', '.join(words)}"
 
 
 def encode_rle(mask: np.ndarray) -> dict:
