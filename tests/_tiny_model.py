@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -21,11 +22,23 @@ TINY_MODEL = {
 }
 
 
-def save_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """Write a tiny checkpoint folder (config.json, model.safetensors, tiny.spm) and return it."""
+def save_tiny_model(folder: Path, seed: int = 0, presence_bias: float | None = None,
+                    vocabulary: Iterable[str] | None = None, description: str | None = None) -> Path:
+    """Write a tiny checkpoint folder (config.json, model.safetensors, tiny.spm) and return it.
+
+    ``presence_bias`` replaces the bias of the presence head's last layer: a large positive value
+    makes every expression match, a large negative one none. ``vocabulary`` (and ``description``)
+    add vocabulary.json, so that other words are unknown to the model.
+    """
     cfg = model_config("sharedris_tiny", **TINY_MODEL)
     torch.manual_seed(seed)
-    return save_pretrained(build_model(cfg), folder)
+    model = build_model(cfg)
+    if presence_bias is not None:
+        with torch.no_grad():
+            model.decoder.presence_mlp[-1].bias.fill_(presence_bias)
+    if vocabulary is not None:
+        model.vocabulary, model.description = frozenset(vocabulary), description
+    return save_pretrained(model, folder)
 
 
 def scene(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -1,4 +1,5 @@
-"""The demo page in a real headless Chromium, against `sharedris serve` running as a real process.
+"""The demo page in a real headless Chromium, against `sharedris serve` running as a real process:
+masks with their score and presence, "no match" plainly, the words the model does not know.
 
 Needs Debian's Chromium and ChromeDriver (``apt-get install -y chromium chromium-driver``) and
 Selenium (dev extra). Without them the tests skip, saying how to run them; with
@@ -16,9 +17,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import pytest
 from _tiny_model import save_tiny_model, scene
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -58,10 +63,8 @@ def webdriver_tools():
     return webdriver, Service
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, webdriver_tools):
-    folder = tmp_path_factory.mktemp("browser")
-    model = save_tiny_model(folder / "tiny")
+def _serve(folder: Path, model: Path) -> Iterator[str]:
+    """``sharedris serve`` of ``model`` as a real process, until the generator is closed; yields its URL."""
     port = _free_port()
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "sharedris", "serve", "--model", str(model), "--port", str(port)],
@@ -87,6 +90,21 @@ def server(tmp_path_factory, webdriver_tools):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, webdriver_tools):
+    """A tiny model that finds every expression present, with an open vocabulary."""
+    folder = tmp_path_factory.mktemp("browser")
+    yield from _serve(folder, save_tiny_model(folder / "tiny", presence_bias=20.0))
+
+
+@pytest.fixture(scope="module")
+def no_match_server(tmp_path_factory, webdriver_tools):
+    """A tiny model that finds no expression present and knows only "the", "red", "box"."""
+    folder = tmp_path_factory.mktemp("browser_no_match")
+    yield from _serve(folder, save_tiny_model(folder / "nomatch", presence_bias=-20.0,
+                                              vocabulary=["the", "red", "box"], description="synthetic shape scenes"))
 
 
 @pytest.fixture
@@ -123,6 +141,16 @@ return Array.from(document.querySelectorAll('#results img')).map(img => {
   return [img.naturalWidth, img.naturalHeight, box.width, box.height, seen.size];
 });"""
 
+# Every image shown: its RGBA pixels at its natural size, row by row.
+SHOWN_PIXELS = """
+return Array.from(document.querySelectorAll('#results img')).map(img => {
+  const canvas = document.createElement('canvas');
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  const ctx = canvas.getContext('2d');
+  ctx.drawImage(img, 0, 0);
+  return Array.from(ctx.getImageData(0, 0, canvas.width, canvas.height).data);
+});"""
+
 
 def _count_segment_requests(browser) -> None:
     browser.execute_script("""
@@ -156,7 +184,8 @@ def _assert_results_readable(browser, width: int, height: int, texts: list[str])
         assert distinct > 10  # a real picture, not a blank or broken image
     captions = [e.text for e in browser.find_elements(By.TAG_NAME, "figcaption")]
     for caption, text in zip(captions, texts):
-        assert re.fullmatch(re.escape(text) + r" · score [01]\.\d\d", caption), caption
+        assert re.fullmatch(re.escape(text) + r" · score [01]\.\d\d · presence 1\.00", caption), caption
+    assert not browser.find_element(By.ID, "warning").is_displayed()  # an open vocabulary: nothing unknown
 
 
 def test_demo_page_segments_an_uploaded_image_in_one_request(server, browser, tmp_path):
@@ -218,3 +247,24 @@ def test_demo_page_decodes_coco_rle_like_pycocotools(server, browser):
         rle = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
         decoded = browser.execute_script("return Array.from(decodeMask(arguments[0]));", rle)
         np.testing.assert_array_equal(np.asarray(decoded, dtype=bool).reshape(h, w), mask)
+
+
+def test_demo_page_shows_no_match_plainly_and_the_unknown_words(no_match_server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    image = tmp_path / "scene.png"
+    scene(96, 64, seed=3).save(image)
+    browser.get(f"{no_match_server}/")
+    browser.find_element(By.ID, "image").send_keys(str(image))
+    browser.find_element(By.ID, "texts").send_keys("the red box\nthe cat")
+    browser.find_element(By.ID, "segment").click()
+    _wait_for_results(browser, 2)
+    captions = [e.text for e in browser.find_elements(By.TAG_NAME, "figcaption")]
+    assert captions == ["the red box · no match (presence 0.00)", "the cat · no match (presence 0.00)"]
+    # no mask drawn: each result shows exactly the uploaded image's pixels
+    uploaded = np.asarray(Image.open(image).convert("RGB"))
+    for pixels in browser.execute_script(SHOWN_PIXELS):
+        np.testing.assert_array_equal(np.asarray(pixels, dtype=np.uint8).reshape(64, 96, 4)[..., :3], uploaded)
+    warning = browser.find_element(By.ID, "warning")
+    assert warning.is_displayed()
+    assert warning.text == "the model nomatch was trained on synthetic shape scenes and does not know: cat"

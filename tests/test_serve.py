@@ -1,5 +1,6 @@
 """The HTTP service: results equal the Predictor's, every bad request is a 4xx JSON sentence, and
-the service keeps serving afterwards."""
+the service keeps serving afterwards. An expression that matches nothing comes back as "no match"
+(an empty mask), and words the model does not know are named in a warning."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from _tiny_model import encode, scene
+from _tiny_model import encode, save_tiny_model, scene
 from fastapi.testclient import TestClient  # the dev extra; a missing install fails rather than skips
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -23,6 +24,19 @@ LIMITS = Limits(max_upload_bytes=200_000, max_pixels=1_000_000, max_texts=4, max
 @pytest.fixture(scope="module")
 def client(model_dir):
     with TestClient(create_app(model_dir, limits=LIMITS)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def no_match_dir(tmp_path_factory):
+    """A tiny model that finds no expression present (presence 0) and knows only "the", "red", "box"."""
+    return save_tiny_model(tmp_path_factory.mktemp("no_match") / "nomatch", presence_bias=-20.0,
+                           vocabulary=["the", "red", "box"], description="synthetic shape scenes")
+
+
+@pytest.fixture(scope="module")
+def no_match_client(no_match_dir):
+    with TestClient(create_app(no_match_dir, limits=LIMITS)) as c:
         yield c
 
 
@@ -57,6 +71,7 @@ def test_healthz(client, model_dir):
     r = client.get("/healthz")
     assert r.status_code == 200
     assert r.json()["status"] == "ok" and r.json()["model"] == str(model_dir)
+    assert r.json()["presence_threshold"] == 0.5
 
 
 def test_demo_page_is_served(client):
@@ -70,11 +85,18 @@ def test_demo_page_is_served(client):
 def test_model_endpoint_describes_the_model_and_its_example(client, model_dir):
     about = client.get("/v1/model").json()
     assert about["name"] == model_dir.name and str(model_dir.name) in about["description"]
+    assert "vocabulary_size" not in about and "trained_on" not in about  # no vocabulary.json
     example = client.get(about["example_image"])
     assert example.status_code == 200 and example.headers["content-type"] == "image/png"
     r = _post(client, example.content, about["example_texts"])
     assert r.status_code == 200, r.text
     assert len(r.json()["results"]) == len(about["example_texts"])
+
+
+def test_model_endpoint_gives_the_vocabulary_size_and_what_it_was_trained_on(no_match_client):
+    about = no_match_client.get("/v1/model").json()
+    assert (about["vocabulary_size"], about["trained_on"]) == (3, "synthetic shape scenes")
+    assert "nomatch" in about["description"] and "trained on synthetic shape scenes" in about["description"]
 
 
 def test_the_default_model_says_it_knows_only_synthetic_shapes():
@@ -97,10 +119,14 @@ def test_segment_returns_rle_masks_equal_to_the_predictor(client, predictor):
     assert set(body["timings_ms"]) == {"decode", "inference", "encode"}
     expected = predictor.predict(img, texts)
     assert [res["text"] for res in body["results"]] == texts
-    for res, mask, score in zip(body["results"], expected.masks, expected.scores):
+    assert body["warning"] is None  # an open vocabulary: no word is unknown
+    for n, res in enumerate(body["results"]):
+        assert set(res) == {"text", "matched", "present", "score", "rle", "unknown_words"}
         assert res["rle"]["size"] == [30, 40]
-        np.testing.assert_array_equal(_decode(res["rle"]), mask)
-        assert res["score"] == pytest.approx(float(score), abs=1e-4)
+        np.testing.assert_array_equal(_decode(res["rle"]), expected.masks[n])
+        assert res["score"] == pytest.approx(float(expected.scores[n]), abs=1e-4)
+        assert res["present"] == pytest.approx(float(expected.present[n]), abs=1e-4)
+        assert (res["matched"], res["unknown_words"]) == (bool(expected.matched[n]), [])
 
 
 def test_png_and_overlay_formats(client, predictor):
@@ -115,8 +141,48 @@ def test_png_and_overlay_formats(client, predictor):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     shown = Image.open(io.BytesIO(r.content))
     assert shown.width == 33 and shown.height > 21  # the caption bar sits above the image
-    score = float(r.headers["X-Sharedris-Score"])
-    np.testing.assert_array_equal(np.asarray(shown), np.asarray(overlay(img, mask > 127, "the red box", score=score)))
+    score, present = float(r.headers["X-Sharedris-Score"]), float(r.headers["X-Sharedris-Present"])
+    expected = overlay(img, mask > 127, "the red box", score=score, present=present,
+                       matched=r.headers["X-Sharedris-Matched"] == "true")
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(expected))
+
+
+def test_no_match_json_says_so_and_names_unknown_words(no_match_client):
+    texts = ["the red box", "the cat", "a dog next to the cat"]
+    r = _post(no_match_client, encode(scene(40, 30, seed=1)), texts)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["warning"] == ("the model nomatch was trained on synthetic shape scenes and does not know: "
+                               "cat, a, dog, next, to")
+    assert [res["unknown_words"] for res in body["results"]] == [[], ["cat"], ["a", "dog", "next", "to", "cat"]]
+    for res in body["results"]:
+        assert res["matched"] is False and 0 <= res["present"] < 0.01 and 0 <= res["score"] <= 1
+        assert not _decode(res["rle"]).any()
+
+
+def test_no_match_png_is_black_and_overlay_is_the_plain_image(no_match_client):
+    img = scene(33, 21, seed=2)
+    r = _post(no_match_client, encode(img), ["the red box"], fmt="png")
+    assert r.status_code == 200 and r.headers["X-Sharedris-Matched"] == "false"
+    assert float(r.headers["X-Sharedris-Present"]) < 0.01
+    mask = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert mask.shape == (21, 33) and not mask.any()
+    r = _post(no_match_client, encode(img), ["the red box"], fmt="overlay")
+    assert r.status_code == 200 and r.headers["X-Sharedris-Matched"] == "false"
+    shown = np.asarray(Image.open(io.BytesIO(r.content)))
+    np.testing.assert_array_equal(shown[-21:], np.asarray(img))  # no tint below the caption
+    present = float(r.headers["X-Sharedris-Present"])
+    expected = overlay(img, np.zeros((21, 33), dtype=bool), "the red box", present=present, matched=False)
+    np.testing.assert_array_equal(shown, np.asarray(expected))
+    _assert_error(_post(no_match_client, encode(img), ["a", "b"], fmt="overlay"), 400, "exactly one expression")
+
+
+def test_presence_threshold_is_the_services(no_match_dir):
+    with TestClient(create_app(no_match_dir, limits=LIMITS, presence_threshold=0.0)) as c:
+        (res,) = _post(c, encode(scene(24, 18, seed=3)), ["the red box"]).json()["results"]
+    assert res["matched"] is True and res["present"] < 0.01
+    with pytest.raises(ValueError, match="presence_threshold"):
+        create_app(no_match_dir, presence_threshold=1.5)
 
 
 def _chunked_multipart(image: bytes, text: str):

@@ -31,7 +31,7 @@ from sharedris.data.images import ImageError, load_image
 from sharedris.data.synthetic import COLOURS, SHAPES
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.predictor import Predictor
-from sharedris.render import encode_rle, overlay
+from sharedris.render import encode_rle, overlay, unknown_words_line
 from sharedris.text import validate_texts
 
 FORMATS = ("json", "png", "overlay")
@@ -166,32 +166,47 @@ def _static(name: str) -> bytes:
     return (resources.files("sharedris.serve") / "static" / name).read_bytes()
 
 
-def describe_model(model_dir: str | Path, image_size: int) -> dict[str, Any]:
-    """What ``GET /v1/model`` says about the model in ``model_dir``: name, description, example."""
+def describe_model(model_dir: str | Path, image_size: int, trained_on: str | None = None,
+                   vocabulary: frozenset[str] | None = None) -> dict[str, Any]:
+    """What ``GET /v1/model`` says about the model in ``model_dir``: name, description, example.
+
+    ``trained_on`` and ``vocabulary`` are the model's own record of its training data
+    (``model.description`` and ``model.vocabulary``, from its ``vocabulary.json``); when it has
+    them they are added as ``trained_on`` and ``vocabulary_size``.
+    """
+    name = Path(str(model_dir)).name
     if str(model_dir) == "default":
         description = DEFAULT_MODEL_DESCRIPTION
-    else:  # a checkpoint records its architecture, not what it was trained on
-        description = (f"A checkpoint loaded from {Path(model_dir).name} ({image_size} px input); the "
+    elif trained_on:
+        description = f"A checkpoint loaded from {name} ({image_size} px input), trained on {trained_on}."
+    else:  # a checkpoint without vocabulary.json records its architecture, not what it was trained on
+        description = (f"A checkpoint loaded from {name} ({image_size} px input); the "
                        "checkpoint does not record what it was trained on, so ask whoever trained it.")
-    return {"name": Path(str(model_dir)).name, "description": description,
-            "example_image": f"/{EXAMPLE_IMAGE}", "example_texts": list(EXAMPLE_TEXTS)}
+    about: dict[str, Any] = {"name": name, "description": description}
+    if trained_on:
+        about["trained_on"] = trained_on
+    if vocabulary is not None:
+        about["vocabulary_size"] = len(vocabulary)
+    return {**about, "example_image": f"/{EXAMPLE_IMAGE}", "example_texts": list(EXAMPLE_TEXTS)}
 
 
 def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
-               device: str = "cpu", precision: str = "fp32") -> FastAPI:
+               device: str = "cpu", precision: str = "fp32", presence_threshold: float = 0.5) -> FastAPI:
     """The service for the model in ``model_dir`` (a checkpoint folder, or ``"default"``).
 
     The model is loaded here, once; a bad folder raises :class:`PretrainedError` before any
-    request is served.
+    request is served. ``presence_threshold`` is the :class:`Predictor`'s: below it an expression
+    is "no match".
     """
     from sharedris import __version__
 
     limits = limits or Limits()
-    predictor = Predictor(load_pretrained(model_dir, device=device), device=device, precision=precision)
+    predictor = Predictor(load_pretrained(model_dir, device=device), device=device, precision=precision,
+                          presence_threshold=presence_threshold)
     logging.getLogger("uvicorn.error").info("sharedris: precision %s on %s", predictor.precision, device)
     model_lock = threading.Lock()
     page, example = _static("index.html").decode("utf-8"), _static(EXAMPLE_IMAGE)
-    about = describe_model(model_dir, predictor.config.image_size)
+    about = describe_model(model_dir, predictor.config.image_size, predictor.description, predictor.vocabulary)
 
     app = FastAPI(title="sharedris", version=__version__,
                   description="Referring image segmentation: the mask of what a phrase refers to.")
@@ -249,10 +264,10 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
         """Liveness, and which model answers."""
         cfg = predictor.config
         return {"status": "ok", "model": str(model_dir), "image_size": cfg.image_size,
-                "text_len": cfg.text_len, "precision": predictor.precision, "limits": {"max_upload_bytes": limits.max_upload_bytes,
-                                                     "max_pixels": limits.max_pixels,
-                                                     "max_texts": limits.max_texts,
-                                                     "max_text_chars": limits.max_text_chars}}
+                "text_len": cfg.text_len, "precision": predictor.precision,
+                "presence_threshold": predictor.presence_threshold,
+                "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
+                           "max_texts": limits.max_texts, "max_text_chars": limits.max_text_chars}}
 
     def run(data: bytes, texts: list[str], fmt: str) -> Response:
         """Decode, predict, encode: runs in a worker thread."""
@@ -270,13 +285,16 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
             pred = predictor.predict(image, texts)
         t2 = time.perf_counter()
         if fmt == "json":
-            body: Any = {"width": image.width, "height": image.height,
-                         "results": [{"text": t, "score": round(float(s), 4), "rle": encode_rle(m)}
-                                     for t, m, s in zip(texts, pred.masks, pred.scores)]}
-        elif fmt == "png":
+            results = [{"text": t, "matched": bool(pred.matched[n]), "present": round(float(pred.present[n]), 4),
+                        "score": round(float(pred.scores[n]), 4), "rle": encode_rle(pred.masks[n]),
+                        "unknown_words": pred.unknown_words[n]} for n, t in enumerate(texts)]
+            body: Any = {"width": image.width, "height": image.height, "results": results,
+                         "warning": unknown_words_line(str(model_dir), predictor.description, pred.unknown_words)}
+        elif fmt == "png":  # "no match": the mask is empty, an all-black PNG
             body = _png(Image.fromarray(pred.masks[0].astype(np.uint8) * 255))
         else:
-            body = _png(overlay(image, pred.masks[0], texts[0], score=float(pred.scores[0])))
+            body = _png(overlay(image, pred.masks[0], texts[0], score=float(pred.scores[0]),
+                                present=float(pred.present[0]), matched=bool(pred.matched[0])))
         t3 = time.perf_counter()
         timings = {"decode": (t1 - t0) * 1000, "inference": (t2 - t1) * 1000, "encode": (t3 - t2) * 1000}
         headers = {"Server-Timing": ", ".join(f"{k};dur={v:.1f}" for k, v in timings.items())}
@@ -284,6 +302,8 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
             body["timings_ms"] = {k: round(v, 1) for k, v in timings.items()}
             return JSONResponse(body, headers=headers)
         headers["X-Sharedris-Score"] = f"{float(pred.scores[0]):.4f}"
+        headers["X-Sharedris-Present"] = f"{float(pred.present[0]):.4f}"
+        headers["X-Sharedris-Matched"] = "true" if pred.matched[0] else "false"
         return Response(body, media_type="image/png", headers=headers)
 
     @app.post("/v1/segment", responses={400: {"description": "bad input"}, 413: {"description": "too large"}})
@@ -292,7 +312,11 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
                       format: str = Query("json", description="json (COCO RLE masks), png (binary mask) "
                                                               "or overlay (tinted PNG); png and overlay "
                                                               "take exactly one expression")) -> Response:
-        """Segment what each expression refers to in the image."""
+        """Segment what each expression refers to in the image.
+
+        An expression that matches nothing (``matched`` false) has an empty mask: an empty RLE, an
+        all-black PNG, or the plain image captioned "no match".
+        """
         if format not in FORMATS:
             raise RequestError(400, f"format must be one of {', '.join(FORMATS)}, got {format!r}")
         texts = _check_texts(text, limits)
