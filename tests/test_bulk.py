@@ -1,5 +1,6 @@
 """Bulk prediction (`sharedris predict --manifest`, folders, globs, `predict_manifest`): every good pair
-once in manifest order, bad rows in errors.jsonl, resume after a kill, the same output under torchrun."""
+once in manifest order, bad rows in errors.jsonl, resume after a kill, the same output under torchrun,
+"no match" pairs marked and without mask files."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from _tiny_model import scene
+from _tiny_model import save_tiny_model, scene
 
 import sharedris
 from sharedris.bulk import BadRow, ManifestError, Row, predict_manifest, read_manifest
@@ -259,3 +261,23 @@ def test_python_api(tmp_path, model_dir):
     assert _errors(tmp_path / "out") == []
     with pytest.raises(ValueError, match="batch size"):
         sharedris.predict_manifest(model, rows, tmp_path / "out", batch_size=0)
+
+
+def test_no_match_pairs_are_marked_and_get_no_mask_png(tmp_path):
+    model = load_pretrained(save_tiny_model(tmp_path / "nomatch", presence_bias=-20.0))
+    rows = [{"image": str(tmp_path / f"{i}.png"), "texts": TEXTS, "id": f"img-{i}"} for i in range(2)]
+    for i in range(2):
+        scene(20, 14, seed=i).save(tmp_path / f"{i}.png")
+    predict_manifest(model, rows, tmp_path / "out", workers=0, save_png=True, show_progress=False)
+    got = _results(tmp_path / "out")
+    assert len(got) == 4
+    for r in got:
+        assert r["matched"] is False and 0 <= r["present"] < 0.01 and r["mask_png"] is None
+        assert r["rle"] == encode_rle(np.zeros((14, 20), dtype=bool))
+        assert (tmp_path / "out" / Path(r["overlay_png"]).name).is_file()
+    assert not list((tmp_path / "out").glob("*_mask.png"))
+
+    predict_manifest(model, rows, tmp_path / "all", presence_threshold=0.0, workers=0, save_png=True,
+                     show_progress=False)
+    got = _results(tmp_path / "all")
+    assert all(r["matched"] is True and Path(r["mask_png"]).is_file() for r in got)

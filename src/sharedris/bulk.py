@@ -458,32 +458,33 @@ class _Run:
         for n, k in enumerate(job.pending):
             record = _record(job.row, k, pred, n)
             if image is not None:  # PNGs first: a line in results.jsonl means its files are complete
-                record.update(self._pngs(job.row, k, image, pred.masks[n], float(pred.scores[n])))
+                record.update(self._pngs(job.row, k, image, pred, n))
             self.results.write(record)
         self.written += len(job.pending)
         self.bar.update(len(job.pending))
         job.image = job.ids = job.pad = None
         job.outputs = []
 
-    def _pngs(self, row: Row, k: int, image: Image.Image, mask: np.ndarray, score: float) -> dict[str, str]:
+    def _pngs(self, row: Row, k: int, image: Image.Image, pred: Prediction, n: int) -> dict[str, str | None]:
+        """The mask and overlay PNGs of pair ``k`` of ``row`` (``n`` in ``pred``); no mask PNG for "no match"."""
         stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(row.id))
         mask_path = self.out_dir / f"{stem}__{k}_mask.png"
         overlay_path = self.out_dir / f"{stem}__{k}_overlay.png"
-        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        overlay(image, mask, row.texts[k], score=score).save(overlay_path)
-        return {"mask_png": str(mask_path), "overlay_png": str(overlay_path)}
+        mask, matched = pred.masks[n], bool(pred.matched[n])
+        if matched:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        overlay(image, mask, row.texts[k], score=float(pred.scores[n]), present=float(pred.present[n]),
+                matched=matched).save(overlay_path)
+        return {"mask_png": str(mask_path) if matched else None, "overlay_png": str(overlay_path)}
 
 
 def _record(row: Row, k: int, pred: Prediction, n: int) -> dict[str, Any]:
     """Pair ``k`` of ``row`` as a results line; ``n`` is its index in ``pred``."""
     height, width = pred.masks.shape[1:]
-    record: dict[str, Any] = {"id": row.id, "text_index": k, "image": row.image, "text": row.texts[k],
-                              "score": round(float(pred.scores[n]), 4)}
-    present = getattr(pred, "present", None)  # models with a presence head say whether the target is there
-    if present is not None:
-        record["present"] = bool(present[n])
-    record.update(height=int(height), width=int(width), rle=encode_rle(pred.masks[n]))
-    return record
+    return {"id": row.id, "text_index": k, "image": row.image, "text": row.texts[k],
+            "matched": bool(pred.matched[n]), "present": round(float(pred.present[n]), 4),
+            "score": round(float(pred.scores[n]), 4), "height": int(height), "width": int(width),
+            "rle": encode_rle(pred.masks[n])}
 
 
 def _world_size() -> int:
@@ -507,26 +508,28 @@ def rank_device(device: torch.device | str) -> torch.device:
 
 
 def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_dir: str | Path, *,
-                     device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int = 16,
-                     workers: int = 2, save_png: bool = False, show_progress: bool = True) -> BulkSummary:
+                     device: torch.device | str = "cpu", precision: str = "fp32", presence_threshold: float = 0.5,
+                     batch_size: int = 16, workers: int = 2, save_png: bool = False,
+                     show_progress: bool = True) -> BulkSummary:
     """Segment every (image, expression) pair of ``manifest`` into ``out_dir/results.jsonl``.
 
-    Each results line is ``{"id", "text_index", "image", "text", "score", "height", "width",
-    "rle"}`` (COCO RLE at the displayed size); bad rows go to ``out_dir/errors.jsonl`` as
+    Each results line is ``{"id", "text_index", "image", "text", "matched", "present", "score",
+    "height", "width", "rle"}`` (COCO RLE at the displayed size, empty where ``matched`` is false:
+    the expression matches nothing); bad rows go to ``out_dir/errors.jsonl`` as
     ``{"line", "id", "image", "reason"}``. Pairs already in ``results.jsonl`` are skipped, so a
     rerun after a crash continues where it stopped; ``errors.jsonl`` is rewritten by every run and
     lists the rows that failed in it. Under torchrun every rank calls this; see the module docstring.
 
     Args:
-        model: a Shared-RIS model, or a :class:`~sharedris.predictor.Predictor` (then ``device``
-            and ``precision`` are its own).
+        model: a Shared-RIS model, or a :class:`~sharedris.predictor.Predictor` (then ``device``,
+            ``precision`` and ``presence_threshold`` are its own).
         manifest: a JSON Lines or CSV file, row mappings, or a :class:`Manifest`
             (see :func:`read_manifest`).
         out_dir: the output folder (created).
-        device, precision: as for :class:`~sharedris.predictor.Predictor`.
+        device, precision, presence_threshold: as for :class:`~sharedris.predictor.Predictor`.
         batch_size: pairs per forward pass, from several images.
         workers: DataLoader worker processes decoding images (0 = in this process).
-        save_png: also write ``<id>__<text index>_mask.png`` and ``_overlay.png`` per pair.
+        save_png: also write ``<id>__<text index>_mask.png`` (not for "no match") and ``_overlay.png`` per pair.
         show_progress: a progress bar on stderr (rank 0 only).
     Returns:
         The counts of all ranks: pairs written, pairs skipped as already done, rows failed.
@@ -540,7 +543,8 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
         raise ValueError(f"workers must be 0 or more, got {workers}")
     manifest = read_manifest(manifest)
     if not isinstance(model, Predictor):
-        model = Predictor(model, device=rank_device(device), precision=precision)
+        model = Predictor(model, device=rank_device(device), precision=precision,
+                          presence_threshold=presence_threshold)
     elif _world_size() > 1 and not dist.is_initialized():
         init_distributed(model.device.type)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

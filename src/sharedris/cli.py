@@ -84,6 +84,21 @@ def _check_port(host: str, port: int) -> None:
         raise UserError(f"{host}:{port} {reason}; pick another --port or --host") from None
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+        in_range = 0.0 <= value <= 1.0
+    except ValueError:
+        in_range = False
+    if not in_range:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+PRESENCE_HELP = ("an expression whose presence probability (that anything in the image matches it) is below this "
+                 "matches nothing: 'no match', an empty mask")
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x]
@@ -178,31 +193,47 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _predict_one(args: argparse.Namespace, image_path: str, device: torch.device) -> None:
-    """One image: mask and overlay PNGs named from each phrase, a line (or JSON) per phrase."""
+    """One image: mask and overlay PNGs named from each phrase, a line (or JSON) per phrase.
+
+    A phrase that matches nothing gets no mask file (its mask would be empty), only its overlay:
+    the plain image captioned "no match".
+    """
     from sharedris.data.images import load_image
     from sharedris.predictor import Predictor
-    from sharedris.render import encode_rle, overlay
+    from sharedris.render import encode_rle, overlay, unknown_words_line
     from sharedris.text import validate_texts
 
     validate_texts(args.text)  # before any model work
     image = load_image(image_path)
     out = _out_dir(args.out_dir)
-    predictor = Predictor(_load_model(args.model, device), device=device, precision=args.precision)
+    predictor = Predictor(_load_model(args.model, device), device=device, precision=args.precision,
+                          presence_threshold=args.presence_threshold)
     _log_precision(args.precision, predictor.precision, device)
     pred = predictor.predict(image, args.text)
+    warning = unknown_words_line(args.model, predictor.description, pred.unknown_words)
+    if warning:
+        print(warning, file=sys.stderr)
     stem = Path(image_path).stem
     results = []
-    for text, slug, mask, score in zip(args.text, _slugs(args.text), pred.masks, pred.scores):
+    for n, (text, slug) in enumerate(zip(args.text, _slugs(args.text))):
+        mask, score, present = pred.masks[n], float(pred.scores[n]), float(pred.present[n])
+        matched = bool(pred.matched[n])
         mask_path, overlay_path = out / f"{stem}__{slug}_mask.png", out / f"{stem}__{slug}_overlay.png"
-        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        overlay(image, mask, text, score=float(score)).save(overlay_path)
-        results.append({"text": text, "score": round(float(score), 4), "mask_png": str(mask_path),
-                        "overlay_png": str(overlay_path), "rle": encode_rle(mask)})
+        if matched:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        overlay(image, mask, text, score=score, present=present, matched=matched).save(overlay_path)
+        results.append({"text": text, "matched": matched, "present": round(present, 4), "score": round(score, 4),
+                        "mask_png": str(mask_path) if matched else None, "overlay_png": str(overlay_path),
+                        "rle": encode_rle(mask), "unknown_words": pred.unknown_words[n]})
     if args.json:
         print(json.dumps({"image": image_path, "height": image.height, "width": image.width, "results": results}))
     else:
         for r in results:
-            print(f"{r['score']:.3f}  {r['text']!r} -> {r['mask_png']}, {r['overlay_png']}")
+            if r["matched"]:
+                print(f"{r['score']:.3f}  {r['text']!r} (presence {r['present']:.2f}) -> {r['mask_png']}, "
+                      f"{r['overlay_png']}")
+            else:
+                print(f"no match  {r['text']!r} (presence {r['present']:.2f}) -> {r['overlay_png']}")
 
 
 def _predict_bulk(args: argparse.Namespace, device: torch.device) -> None:
@@ -216,7 +247,8 @@ def _predict_bulk(args: argparse.Namespace, device: torch.device) -> None:
     device = rank_device(device)
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
-        predictor = Predictor(_load_model(args.model, "cpu"), device=device, precision=args.precision)
+        predictor = Predictor(_load_model(args.model, "cpu"), device=device, precision=args.precision,
+                              presence_threshold=args.presence_threshold)
         if main_rank:
             _log_precision(args.precision, predictor.precision, device)
         summary = predict_manifest(predictor, manifest, out, batch_size=args.batch_size, workers=args.workers,
@@ -277,7 +309,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                     max_texts=args.max_texts, max_text_chars=args.max_text_chars)
     _check_port(args.host, args.port)
-    app = create_app(args.model, limits=limits, device=device, precision=args.precision)
+    app = create_app(args.model, limits=limits, device=device, precision=args.precision,
+                     presence_threshold=args.presence_threshold)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
@@ -385,7 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="segment what each expression refers to in an image, many images or a manifest",
                         description="One image: mask and overlay PNGs per expression. Several images, a folder, a "
                                     "glob pattern or --manifest: results.jsonl (COCO RLE masks) in the output "
-                                    "folder, resumable, also under torchrun (see docs/bulk.md).")
+                                    "folder, resumable, also under torchrun (see docs/bulk.md).",
+                        epilog="An expression that matches nothing in the image (presence below "
+                               "--presence-threshold) prints 'no match' and gets no mask PNG, only its overlay: "
+                               "the plain image captioned 'no match'; in --json its mask_png is null. Words the "
+                               "model never saw in training are named in one line on stderr.")
     pr.add_argument("image", nargs="*", help="image file(s) (any format Pillow reads), folder(s) of images or "
                                              "glob pattern(s)")
     pr.add_argument("-t", "--text", action="append", help="an expression, applied to every image; repeat for more")
@@ -400,8 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bulk: (image, expression) pairs per forward pass, from several images")
     pr.add_argument("--workers", type=int, default=2, help="bulk: image decoding processes (0 = in this one)")
     pr.add_argument("--save-png", action="store_true", help="bulk: also write mask and overlay PNGs per pair")
-    pr.add_argument("--json", action="store_true", help="print results (COCO RLE masks, scores) as JSON; bulk: "
-                                                       "the summary")
+    pr.add_argument("--presence-threshold", type=_probability, default=0.5, help=PRESENCE_HELP)
+    pr.add_argument("--json", action="store_true", help="print results (COCO RLE masks, scores, presence) as JSON; "
+                                                       "bulk: the summary")
     pr.set_defaults(func=_cmd_predict)
 
     ev = sub.add_parser("eval", help="oIoU / mIoU / Prec@X on a dataset split")
@@ -448,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", default="default", help="'default' or a checkpoint folder")
     sv.add_argument("--device", default="cpu", help=DEVICE_HELP)
     sv.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    sv.add_argument("--presence-threshold", type=_probability, default=0.5, help=PRESENCE_HELP)
     sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file accepted")
     sv.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, width x height")
     sv.add_argument("--max-texts", type=int, default=16, help="most expressions per request")
