@@ -282,7 +282,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     cfg = model.config
     data = DataConfig(dataset=args.dataset, root=args.root, split_by=args.split_by,
                       synthetic_image_size=args.synthetic_image_size or cfg.image_size,
-                      synthetic_eval_size=args.num_samples, seed=args.seed)
+                      synthetic_eval_size=args.num_samples, seed=args.seed,
+                      **({"synthetic_styles": args.styles} if args.styles else {}))
     rows, report = {}, {}
     for split in args.split:
         source = build_source(data, split, train=False)
@@ -453,7 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(default: the dataset's usual one)")
     ev.add_argument("--protocol", choices=["original", "resized"], default="original",
                     help="score at each image's original size, or LAVT's 480x480")
-    ev.add_argument("--num-samples", type=int, default=1000, help="synthetic: samples per split")
+    ev.add_argument("--num-samples", type=int, default=1200,
+                    help="synthetic: samples per split (the six families take turns: 200 each at 1,200)")
+    ev.add_argument("--styles", type=lambda s: tuple(x for x in s.split(",") if x), default=None,
+                    help="synthetic: background styles drawn per scene, comma-separated, among texture, plain, "
+                         "gradient, stripes (default: texture)")
     ev.add_argument("--synthetic-image-size", type=int, default=None, help="synthetic: scene size (default: model size)")
     ev.add_argument("--seed", type=int, default=0, help="synthetic: dataset seed")
     ev.add_argument("--batch-size", type=int, default=16, help="images per forward pass")

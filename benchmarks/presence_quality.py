@@ -1,0 +1,78 @@
+"""How much the presence and predicted-IoU scores mean, on a synthetic evaluation split.
+
+- Presence: ROC AUC of the presence probability separating expressions that refer to something
+  from no-target expressions (1 = every target expression scores above every no-target one).
+- Quality: Spearman rank correlation between the predicted IoU and the real IoU of each target
+  expression's mask (scored at the image size, before the presence threshold empties any mask).
+
+    python benchmarks/presence_quality.py default --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from sharedris import Predictor, load_pretrained
+from sharedris.data.synthetic import SyntheticRefScenes
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x``, ties sharing their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    r = np.empty(len(x), dtype=np.float64)
+    r[order] = np.arange(1, len(x) + 1)
+    values, counts = np.unique(x, return_counts=True)
+    for value in values[counts > 1]:  # tied values share their average rank
+        r[x == value] = r[x == value].mean()
+    return r
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a random positive scores above a random negative), ties counting half (Mann-Whitney U)."""
+    r = ranks(np.concatenate([positive, negative]))
+    u = r[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
+    return float(u / (len(positive) * len(negative)))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of the ranks."""
+    ra, rb = ranks(a), ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="checkpoint folder or 'default'")
+    ap.add_argument("--split", default="test", choices=["val", "test"])
+    ap.add_argument("--scenes", type=int, default=1200, help="scenes of the split (200 per family at 1,200)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    predictor = Predictor(load_pretrained(args.model))
+    scenes = SyntheticRefScenes(args.split, size=predictor.config.image_size, length=args.scenes,
+                                families=SyntheticRefScenes.groups)
+    present, has_target, predicted_iou, real_iou = [], [], [], []
+    for i in range(len(scenes)):
+        sample = scenes[i]
+        out = predictor.predict(sample["image"], sample["text"], return_probs=True)
+        gt = sample["mask"]
+        present.append(float(out.present[0]))
+        has_target.append(bool(gt.any()))
+        if gt.any():
+            mask = out.probs[0] > 0.5
+            predicted_iou.append(float(out.scores[0]))
+            real_iou.append((mask & gt).sum() / max((mask | gt).sum(), 1))
+    present_a, has_target_a = np.array(present), np.array(has_target)
+    auc = roc_auc(present_a[has_target_a], present_a[~has_target_a])
+    rho = spearman(np.array(predicted_iou), np.array(real_iou))
+    print(f"{args.model}: {args.split} split, {len(scenes)} scenes ({has_target_a.sum()} with a target, "
+          f"{(~has_target_a).sum()} without)")
+    print(f"presence ROC AUC (target vs no-target):       {auc:.4f}")
+    print(f"predicted IoU vs real IoU, Spearman (targets): {rho:.4f}")
+
+
+if __name__ == "__main__":
+    main()
