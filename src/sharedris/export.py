@@ -30,7 +30,7 @@ _MAX_INLINE_BYTES = 1_800_000_000  # a protobuf holds at most 2 GB; above this, 
 
 
 def export_onnx(model: nn.Module, out: str | Path, opset: int | None = None) -> Path:
-    """Write ``model`` (from :func:`sharedris.load_pretrained`) to ``out`` as ONNX.
+    """Write ``model`` (from :func:`sharedris.load_pretrained` or :func:`sharedris.build_model`) to ``out`` as ONNX.
 
     Models whose weights exceed ~1.8 GB (sharedris_large) are written with their weights in
     ``<out>.data`` beside the graph; keep the two files together.
@@ -41,7 +41,8 @@ def export_onnx(model: nn.Module, out: str | Path, opset: int | None = None) -> 
     except ImportError:
         raise ImportError("install the onnx extra: pip install 'sharedris[onnx]'") from None
     if not hasattr(model, "config"):
-        raise ValueError("export_onnx needs a model from sharedris.load_pretrained (it carries its config)")
+        raise ValueError("export_onnx needs a Shared-RIS model (from sharedris.load_pretrained or "
+                         "sharedris.build_model), which carries its config")
     cfg = model.config
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
