@@ -62,7 +62,7 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 32  # global batch (all ranks, after accumulation)
     grad_accum: int = 1
-    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | none
+    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with AMX or AVX-512-BF16, else fp32) | bf16 | fp16 | none
     drop_path: float = 0.1
     grad_checkpointing: bool = False
     seed: int = 0
