@@ -39,7 +39,7 @@ FORM_ALLOWANCE = 64 * 1024  # room for the text fields and multipart framing on 
 USAGE = "send multipart/form-data with an 'image' file and one or more 'text' fields"
 MiB = 1024 * 1024
 EXAMPLE_IMAGE = "example.png"  # a synthetic test scene, shipped in static/ for the demo page
-EXAMPLE_TEXTS = ("the purple diamond", "the green triangle", "the yellow circle")
+EXAMPLE_TEXTS = ("the blue diamond", "all the red shapes", "the red circle")
 DEFAULT_MODEL_DESCRIPTION = (
     "The default model is small and was trained only on synthetic scenes of flat shapes on a grey "
     "textured background, so it knows that world and nothing else (not photos). It knows colours "
