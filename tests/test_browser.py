@@ -216,7 +216,7 @@ def test_demo_page_describes_the_model_and_runs_the_example_in_one_click(server,
     _wait_for_results(browser, len(about["example_texts"]))
     assert browser.execute_script("return window.segmentRequests;") == 1
     assert browser.find_element(By.ID, "texts").get_attribute("value").splitlines() == about["example_texts"]
-    _assert_results_readable(browser, 128, 128, about["example_texts"])
+    _assert_results_readable(browser, 256, 256, about["example_texts"])  # the bundled example is 256x256
 
 
 def test_demo_page_shows_service_errors(server, browser, tmp_path):
