@@ -127,13 +127,15 @@ RESULTS_SHOWN = """
 const imgs = Array.from({length: arguments[0]}, (_, i) => document.getElementById('overlay-' + i));
 return imgs.every(i => i && i.complete && i.naturalWidth > 0);"""
 FAILED = "return document.getElementById('status').className === 'error';"
-# Every image shown: its natural and displayed size and how many colours it has.
-SHOWN_IMAGES = """
+# For every image shown, draw it on a canvas of its natural size (then read ``ctx``).
+EACH_SHOWN_IMAGE = """
 return Array.from(document.querySelectorAll('#results img')).map(img => {
   const canvas = document.createElement('canvas');
   canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
   const ctx = canvas.getContext('2d');
-  ctx.drawImage(img, 0, 0);
+  ctx.drawImage(img, 0, 0);"""
+# Every image shown: its natural and displayed size and how many colours it has.
+SHOWN_IMAGES = EACH_SHOWN_IMAGE + """
   const px = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
   const seen = new Set();
   for (let k = 0; k < px.length; k += 4) seen.add((px[k] << 16) | (px[k + 1] << 8) | px[k + 2]);
@@ -142,12 +144,7 @@ return Array.from(document.querySelectorAll('#results img')).map(img => {
 });"""
 
 # Every image shown: its RGBA pixels at its natural size, row by row.
-SHOWN_PIXELS = """
-return Array.from(document.querySelectorAll('#results img')).map(img => {
-  const canvas = document.createElement('canvas');
-  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
-  const ctx = canvas.getContext('2d');
-  ctx.drawImage(img, 0, 0);
+SHOWN_PIXELS = EACH_SHOWN_IMAGE + """
   return Array.from(ctx.getImageData(0, 0, canvas.width, canvas.height).data);
 });"""
 

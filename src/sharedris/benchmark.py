@@ -200,7 +200,7 @@ def bench_models(names: list[str], runs: int = 3, threads: int = 2, throughput_b
 
 def bench_training(steps: int = 10, batch: int = 16, threads: int = 2, name: str = "sharedris_tiny") -> float:
     """Training samples/s of ``name`` (forward, loss, backward, AdamW step) at ``batch``."""
-    from sharedris.losses import segmentation_loss
+    from sharedris.losses import referring_loss
     from sharedris.modeling.registry import build_model, model_config
 
     torch.set_num_threads(threads)
@@ -213,7 +213,7 @@ def bench_training(steps: int = 10, batch: int = 16, threads: int = 2, name: str
     target = (torch.rand(batch, 1, cfg.image_size, cfg.image_size) > 0.8).float()
 
     def step() -> None:
-        segmentation_loss(model(image, ids, pad).mask_logits, target)["loss"].backward()
+        referring_loss(model(image, ids, pad), target)["loss"].backward()  # the training loss, every head
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -41,6 +41,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from sharedris.checkpoint import atomic_write
 from sharedris.data.images import ImageError, load_image
 from sharedris.modeling.segmenter import SegmenterOutput
 from sharedris.predictor import ImagePreprocessor, Prediction, Predictor
@@ -309,14 +310,13 @@ class _JsonlWriter:
 
 
 def _replace(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write ``path`` atomically: a temporary file, synced, then renamed over it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``path`` atomically (:func:`~sharedris.checkpoint.atomic_write`), streaming ``chunks``."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+
+    atomic_write(path, write)
 
 
 def _merge_results(out_dir: Path, manifest: Manifest) -> None:

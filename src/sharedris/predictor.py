@@ -146,7 +146,8 @@ class Predictor:
         ``texts`` (the expressions, in order) fill ``unknown_words``.
         """
         logits = resize_logits(output.mask_logits[:, 0], height, width)  # (N, H, W)
-        probs = torch.sigmoid(logits)
+        # full-size probabilities only when asked for, or for the score of a model without an IoU head
+        probs = torch.sigmoid(logits) if return_probs or output.iou_pred is None else None
         masks = logits > 0
         n = len(logits)
         present = torch.sigmoid(output.presence_logits) if output.presence_logits is not None else torch.ones(n)
