@@ -1,0 +1,57 @@
+"""Predictor: the presence threshold, probabilities on request, unknown words, a model built in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _tiny_model import TINY_MODEL, scene
+
+from sharedris.modeling.registry import build_model
+from sharedris.predictor import Predictor
+
+TEXTS = ["the red box", "the green one", "the top one"]
+
+
+def test_probabilities_on_request_agree_with_the_masks(predictor):
+    image = scene(90, 60)
+    without = predictor.predict(image, TEXTS)
+    out = predictor.predict(image, TEXTS, return_probs=True)
+    assert without.probs is None
+    assert out.probs.shape == out.masks.shape == (3, 60, 90) and out.probs.dtype == np.float32
+    assert 0.0 <= out.probs.min() and out.probs.max() <= 1.0
+    matched = out.matched[:, None, None]
+    np.testing.assert_array_equal(out.masks, (out.probs > 0.5) & matched)
+    np.testing.assert_array_equal(out.masks, without.masks)
+
+
+def test_the_presence_threshold_empties_the_masks_of_no_match(model_dir):
+    from sharedris.modeling.pretrained import load_pretrained
+
+    model = load_pretrained(model_dir)
+    image = scene(64, 64, seed=1)
+    everything = Predictor(model, presence_threshold=0.0).predict(image, TEXTS)
+    nothing = Predictor(model, presence_threshold=1.0).predict(image, TEXTS)
+    assert everything.matched.all() and everything.masks.any()
+    assert not nothing.matched.any() and not nothing.masks.any()
+    np.testing.assert_array_equal(everything.present, nothing.present)  # the threshold only decides
+    assert ((0 < everything.present) & (everything.present < 1)).all()
+    with pytest.raises(ValueError, match="presence_threshold"):
+        Predictor(model, presence_threshold=1.5)
+
+
+def test_unknown_words_are_named_only_with_a_vocabulary(predictor):
+    model = predictor.model
+    assert predictor.predict(scene(32, 32), ["the red cat"]).unknown_words == [[]]  # open vocabulary
+    model.vocabulary = frozenset({"the", "red", "box"})
+    try:
+        vocab = Predictor(model)
+        assert vocab.predict(scene(32, 32), ["The red cat, the red DOG", "the box"]).unknown_words == [["cat", "dog"], []]
+    finally:
+        model.vocabulary = None
+
+
+def test_a_model_built_in_memory_predicts_with_its_bundled_tokenizer():
+    model = build_model("sharedris_tiny", **TINY_MODEL)
+    assert model.tokenizer_file is None
+    out = Predictor(model).predict(scene(40, 30), TEXTS[:2])
+    assert out.masks.shape == (2, 30, 40) and out.scores.shape == out.present.shape == (2,)
