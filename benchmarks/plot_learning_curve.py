@@ -1,9 +1,12 @@
 """Draw training curves (loss per step, val oIoU per epoch) of one or more run folders as an SVG.
 
     python benchmarks/plot_learning_curve.py runs/tiny runs/tiny_shuffled -o docs/learning_curve.svg
+    python benchmarks/plot_learning_curve.py --stages runs/tiny runs/tiny_refine -o docs/learning_curve.svg
 
 Plain SVG, no plotting dependency: x = training samples seen, left panel = training loss
-(moving average), right panel = val oIoU after each epoch.
+(moving average), right panel = val oIoU after each evaluation. With ``--stages`` the runs are
+successive stages of one training (each started from the previous one's weights): each run's
+curve starts where the previous one's ended.
 """
 
 from __future__ import annotations
@@ -18,19 +21,20 @@ COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]
 W, H, PAD = 420, 260, 48
 
 
-def _read_run(folder: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+def _read_run(folder: Path, offset: float = 0.0) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(smoothed loss, val oIoU) points of a run, x = training samples seen plus ``offset``."""
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
     batch = cfg["batch_size"]
     steps = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
     seen: dict[int, dict] = {r["step"]: r for r in steps}  # a resumed run may log a step twice
-    loss = [(s * batch, r["loss"]) for s, r in sorted(seen.items())]
+    loss = [(offset + s * batch, r["loss"]) for s, r in sorted(seen.items())]
     k = 10  # moving average over 10 logged points
     smooth = [(x, sum(v for _, v in loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]))
               for i, (x, _) in enumerate(loss)]
     evals = []
     for f in sorted((folder / "metrics").glob("epoch_*.json")):
         m = json.loads(f.read_text())
-        evals.append((m["step"] * batch, m["overall"]["oIoU"]))
+        evals.append((offset + m["step"] * batch, m["overall"]["oIoU"]))
     return smooth, evals
 
 
@@ -64,9 +68,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders written by `sharedris train`")
     parser.add_argument("-o", "--out", type=Path, required=True)
+    parser.add_argument("--stages", action="store_true", help="the runs are successive stages of one training")
     args = parser.parse_args()
-    data = [(run.name, COLOURS[i % len(COLOURS)], *_read_run(run)) for i, run in enumerate(args.runs)]
-    body = _panel(0, "training loss (BCE x2 + Dice x0.5)", [(n, c, loss) for n, c, loss, _ in data], None, False)
+    data, offset = [], 0.0
+    for i, run in enumerate(args.runs):
+        loss, evals = _read_run(run, offset)
+        data.append((run.name, COLOURS[i % len(COLOURS)], loss, evals))
+        if args.stages and loss:
+            offset = loss[-1][0]
+    body = _panel(0, "training loss (all terms)", [(n, c, loss) for n, c, loss, _ in data], None, False)
     body += _panel(W, "val oIoU", [(n, c, ev) for n, c, _, ev in data], 1.0, True)
     for i, (name, colour, _, _) in enumerate(data):
         body.append(f'<text x="{W + PAD + 8}" y="{40 + 14 * i}" font-size="11" fill="{colour}">{name}</text>')

@@ -2,8 +2,11 @@
 
 - Presence: ROC AUC of the presence probability separating expressions that refer to something
   from no-target expressions (1 = every target expression scores above every no-target one).
+- Presence per kind of phrasing: N-acc (share answered "no match") of the no-target expressions,
+  by the target family whose grammar each follows ("the red circle" is phrased as colour + shape).
 - Quality: Spearman rank correlation between the predicted IoU and the real IoU of each target
-  expression's mask (scored at the image size, before the presence threshold empties any mask).
+  expression's mask (scored at the image size, before the presence threshold empties any mask),
+  and the ROC AUC of the predicted IoU separating good masks (real IoU >= 0.5) from failures.
 - Also the oIoU over the four single-target families together (colour + shape, size, position,
   relation), with the answered masks (emptied on "no match"), which ``sharedris eval`` reports
   only per family.
@@ -63,6 +66,7 @@ def main() -> None:
                       synthetic_styles=tuple(args.styles.split(",")))
     scenes = build_source(data, args.split, train=False)
     present, has_target, predicted_iou, real_iou = [], [], [], []
+    no_match: dict[str, list[bool]] = {}  # no-target expressions answered "no match", by phrasing
     inter = union = 0  # single-target families, answered masks
     for i in range(len(scenes)):
         sample = scenes[i]
@@ -70,6 +74,8 @@ def main() -> None:
         gt = sample["mask"]
         present.append(float(out.present[0]))
         has_target.append(bool(gt.any()))
+        if sample["no_target"]:
+            no_match.setdefault(sample["phrased_as"], []).append(not out.matched[0])
         if gt.any():
             mask = out.probs[0] > 0.5
             predicted_iou.append(float(out.scores[0]))
@@ -80,11 +86,20 @@ def main() -> None:
             union += int((answered | gt).sum())
     present_a, has_target_a = np.array(present), np.array(has_target)
     auc = roc_auc(present_a[has_target_a], present_a[~has_target_a])
-    rho = spearman(np.array(predicted_iou), np.array(real_iou))
+    predicted_iou_a, real_iou_a = np.array(predicted_iou), np.array(real_iou)
+    rho = spearman(predicted_iou_a, real_iou_a)
+    good = real_iou_a >= 0.5
     print(f"{args.model}: {args.split} split, {len(scenes)} scenes ({has_target_a.sum()} with a target, "
           f"{(~has_target_a).sum()} without)")
     print(f"presence ROC AUC (target vs no-target):       {auc:.4f}")
+    for family in FAMILIES:
+        if family in no_match:
+            answers = no_match[family]
+            print(f"  N-acc of no-target expressions phrased as {family + ':':<13} {np.mean(answers):.3f} "
+                  f"({len(answers)})")
     print(f"predicted IoU vs real IoU, Spearman (targets): {rho:.4f}")
+    print(f"predicted IoU, ROC AUC of IoU >= 0.5 vs < 0.5:  {roc_auc(predicted_iou_a[good], predicted_iou_a[~good]):.4f} "
+          f"({good.sum()} vs {(~good).sum()} masks)")
     print(f"oIoU over the four single-target families:    {inter / max(union, 1):.4f}")
 
 

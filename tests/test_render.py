@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from sharedris.render import MAX_CAPTION_LINES, overlay, unknown_words_line, wrap_text
+from sharedris.render import TINT, MAX_CAPTION_LINES, overlay, unknown_words_line, wrap_text
 
 FONT = ImageFont.load_default(size=12)
 
@@ -37,6 +37,24 @@ def test_overlay_grows_its_caption_bar_and_shows_the_score():
     scored = overlay(img, mask, "the box", score=0.87)
     assert scored.size == short.size
     assert not np.array_equal(np.asarray(scored)[: short.height - 96], np.asarray(short)[: short.height - 96])
+
+
+def test_overlay_outlines_the_mask_so_that_it_shows_on_any_colour():
+    img = np.full((96, 128, 3), 90, dtype=np.uint8)
+    img[10:40, 10:40] = TINT  # an object of the tint's own colour
+    mask = np.zeros((96, 128), dtype=bool)
+    mask[10:40, 10:40] = True
+    out = np.asarray(overlay(Image.fromarray(img), mask, "the box"))[-96:]
+    ring_in = mask.copy()
+    ring_in[11:39, 11:39] = False  # the mask's border pixels
+    assert (out[ring_in] == 255).all()  # white just inside
+    ring_out = np.zeros_like(mask)
+    ring_out[9:41, 9:41] = True
+    ring_out[10:40, 10:40] = False
+    ring_out[[9, 9, 40, 40], [9, 40, 9, 40]] = False  # the corners touch the mask only diagonally
+    assert (out[ring_out] == 0).all()  # black just outside
+    untouched = ~(ring_out | mask)
+    np.testing.assert_array_equal(out[untouched], img[untouched])  # nothing else changes
 
 
 def test_no_match_overlay_draws_no_tint_and_says_so():

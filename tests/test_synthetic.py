@@ -202,6 +202,9 @@ def test_shuffle_texts_moves_texts_between_samples_and_keeps_masks() -> None:
         assert np.array_equal(x["mask"], y["mask"]) and x["image"].tobytes() == y["image"].tobytes()
     assert sorted(x["text"] for x in a) == sorted(y["text"] for y in b)  # a permutation of the split
     assert sum(x["text"] != y["text"] for x, y in zip(a, b)) >= 12
+    phrasing = {x["text"]: x["phrased_as"] for x in a}  # a text's grammar is that of its family
+    assert all(x["phrased_as"] == x["family"] for x in a)
+    assert all(y["phrased_as"] == phrasing[y["text"]] for y in b)
 
 
 def test_fresh_epochs_serve_new_blocks_of_scenes() -> None:
@@ -340,6 +343,7 @@ def test_no_target_texts_are_drawn_as_target_texts() -> None:
     present = SyntheticRefScenes("val", size=64, length=n, seed=1)
     absent_texts = [absent[i]["text"] for i in range(n)]
     assert absent_texts == [present[i]["text"] for i in range(n)]
+    assert [absent[i]["phrased_as"] for i in range(n)] == [present[i]["family"] for i in range(n)]
     # ... so, among independent scenes, the same texts turn up with and without a referent.
     others = {SyntheticRefScenes("train", size=64, length=n, seed=1)[i]["text"] for i in range(n)}
     assert len(others & set(absent_texts)) >= 20

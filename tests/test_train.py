@@ -290,6 +290,30 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(run_a, tmp_path, monk
         train(changed, resume=True, device="cpu")
 
 
+
+def test_init_from_starts_from_a_model_folder(run_a, tmp_path):
+    _, run_a_dir = run_a
+    start = load_pretrained(run_a_dir / "final")
+    # learning rate 0: the run's weights stay those it started from, so final/ must equal them
+    cfg = _cfg(tmp_path / "c", epochs=1, init_from=str(run_a_dir / "final"), optim={"lr": 0.0})
+    final = load_pretrained(train(cfg, device="cpu") / "final")
+    for k, v in start.state_dict().items():
+        assert torch.equal(final.state_dict()[k], v), k
+    scratch = load_pretrained(train(replace(cfg, init_from=None, out_dir=str(tmp_path / "d")), device="cpu") / "final")
+    assert any(not torch.equal(scratch.state_dict()[k], v) for k, v in start.state_dict().items())
+
+
+def test_init_from_refuses_what_it_cannot_use(run_a, tmp_path):
+    _, run_a_dir = run_a
+    deeper = {**TINY_MODEL, "encoder": {**TINY_MODEL["encoder"], "depth": 3}}
+    with pytest.raises(ValueError, match="another architecture"):
+        train(_cfg(tmp_path / "e", init_from=str(run_a_dir / "final"), model_overrides=deeper), device="cpu")
+    with pytest.raises(ValueError, match="init_from='.*missing'.*does not exist"):
+        train(_cfg(tmp_path / "f", init_from=str(tmp_path / "missing")), device="cpu")
+    with pytest.raises(ValueError, match="set only one of them"):
+        train(_cfg(tmp_path / "g", init_from=str(run_a_dir / "final"), encoder_weights="beit3.pth"), device="cpu")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
+
 # ------------------------------------------------------------------------------------ files
 def test_atomic_write_keeps_the_previous_file_when_the_writer_fails(tmp_path):
     target = tmp_path / "state.bin"

@@ -14,7 +14,8 @@ MAX_CAPTION_LINES = 6  # a very long expression is cut here, with an ellipsis, r
 
 def overlay(image: Image.Image, mask: np.ndarray, caption: str, score: float | None = None,
             alpha: float = 0.5, *, present: float | None = None, matched: bool = True) -> Image.Image:
-    """``image`` with ``mask`` (HxW bool, same size) tinted and outlined, ``caption`` on a bar above.
+    """``image`` with ``mask`` (HxW bool, same size) tinted and outlined (white inside, black outside
+    its border), ``caption`` on a bar above.
 
     The caption (prefixed with ``score`` when given) is wrapped to the image width; the bar grows
     to as many lines as it needs, up to ``MAX_CAPTION_LINES``. The result is W x (H + bar).
@@ -29,9 +30,12 @@ def overlay(image: Image.Image, mask: np.ndarray, caption: str, score: float | N
         m = np.zeros_like(m)
     out = base.copy()
     out[m] = (1 - alpha) * base[m] + alpha * np.asarray(TINT, dtype=np.float32)
-    # 1-pixel outline where the mask meets the background, so thin masks stay visible
-    edge = m & ~(np.pad(m, 1)[2:, 1:-1] & np.pad(m, 1)[:-2, 1:-1] & np.pad(m, 1)[1:-1, 2:] & np.pad(m, 1)[1:-1, :-2])
-    out[edge] = TINT
+    # A white line just inside the mask's border and a black one just outside: thin masks stay
+    # visible, and so do masks on objects the tint's own colour (a red shape under a red tint).
+    inner = m & _grow(~m)
+    outer = _grow(m) & ~m
+    out[inner] = (255, 255, 255)
+    out[outer] = (0, 0, 0)
     tinted = Image.fromarray(out.round().astype(np.uint8))
     font = ImageFont.load_default(size=max(12, image.width // 40))
     if not matched:
@@ -47,6 +51,12 @@ def overlay(image: Image.Image, mask: np.ndarray, caption: str, score: float | N
     for i, line in enumerate(lines):
         draw.text((4, int(font.size * 0.25) + i * line_height), line, fill=(255, 255, 255), font=font)
     return canvas
+
+
+def _grow(m: np.ndarray) -> np.ndarray:
+    """``m`` (HxW bool) grown by one pixel in the four directions."""
+    padded = np.pad(m, 1)
+    return m | padded[2:, 1:-1] | padded[:-2, 1:-1] | padded[1:-1, 2:] | padded[1:-1, :-2]
 
 
 def wrap_text(text: str, font: ImageFont.FreeTypeFont, width: int, max_lines: int) -> list[str]:

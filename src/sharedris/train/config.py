@@ -54,6 +54,7 @@ class TrainConfig:
     model: str = "sharedris_tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # passed to build_model
     encoder_weights: str | None = None  # official BEiT-3 file to initialise the encoder from
+    init_from: str | None = None  # a model folder (e.g. an earlier run's best/) whose weights start this run
     tokenizer: str | None = None  # SentencePiece file; None = the one bundled for the model
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -21,7 +21,7 @@ from sharedris.data.datasets import RISSamples, collate
 from sharedris.data.registry import build_source
 from sharedris.evaluate import evaluate
 from sharedris.losses import referring_loss
-from sharedris.modeling.pretrained import resolve_tokenizer, save_pretrained
+from sharedris.modeling.pretrained import PretrainedError, load_pretrained, resolve_tokenizer, save_pretrained
 from sharedris.modeling.registry import build_model, model_config
 from sharedris.precision import autocast_context, training_amp_dtype
 from sharedris.progress import progress, write
@@ -82,6 +82,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Copy the weights of the model folder ``cfg.init_from`` into ``model``, whose architecture it must have."""
+    try:
+        start = load_pretrained(cfg.init_from)
+    except PretrainedError as e:
+        raise ValueError(f"init_from={cfg.init_from!r}: {e}") from None
+    if start.config != model.config:
+        raise ValueError(f"init_from={cfg.init_from!r} holds another architecture than model={cfg.model} with its "
+                         "model_overrides; start from a folder of the same model")
+    model.load_state_dict(start.state_dict())
+
+
 def train(cfg: TrainConfig, resume: bool = False, device: str | None = None) -> Path:
     """Train a model as ``cfg`` says; returns the run folder.
 
@@ -108,13 +120,18 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
         raise ValueError(f"data.val_split={cfg.data.val_split!r}: checkpoints are never selected on a test split")
     if cfg.select_on not in ("oIoU", "mIoU", "gIoU", "cIoU"):
         raise ValueError(f"select_on={cfg.select_on!r}: choose oIoU, mIoU, gIoU or cIoU")
+    if cfg.init_from is not None and cfg.encoder_weights is not None:
+        raise ValueError("init_from and encoder_weights both initialise the encoder; set only one of them")
     amp_dtype = training_amp_dtype(cfg.amp, info.device)
 
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     mcfg = model_config(cfg.model, **cfg.model_overrides)
-    model = build_model(mcfg, encoder_weights=cfg.encoder_weights, drop_path_rate=cfg.drop_path).to(info.device)
+    model = build_model(mcfg, encoder_weights=cfg.encoder_weights, drop_path_rate=cfg.drop_path)
+    if cfg.init_from is not None:
+        _init_from(model, cfg)
+    model.to(info.device)
     model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     tokenizer_file = resolve_tokenizer(mcfg, cfg.tokenizer)
     model.tokenizer_file = tokenizer_file

@@ -48,6 +48,9 @@ class SyntheticSample(RefSample):
     texts: all valid phrasings of the expression, ``text`` first.
     family: the expression family, one of ``GENERAL_FAMILIES``.
     no_target: True exactly when the expression refers to nothing (``family == "no_target"``).
+    phrased_as: the family whose grammar the expression follows: ``family``, except for
+        ``no_target`` (whose expressions are drawn as one of the four target families draws them)
+        and with ``shuffle_texts`` (the family of the scene the text comes from).
     targets: the referred objects' indices (= ``ann_ids``).
     objects: per object: shape, category (= shape: the object's class, one of
         ``SyntheticRefScenes.object_classes``, as the refer export writes it), colour, rgb, centre
@@ -64,6 +67,7 @@ class SyntheticSample(RefSample):
     texts: list[str]
     family: str
     no_target: bool
+    phrased_as: str
     targets: list[int]
     objects: list[dict[str, Any]]
     target: int | None
@@ -170,9 +174,10 @@ class SyntheticRefScenes:
         index %= self.length
         scene, rng = self._lay_out(self._first + index)
         image, style = render(scene.labels, scene.objects, rng, self.styles)
-        texts = scene.texts
+        texts, phrased_as = scene.texts, scene.phrased_as
         if self._text_source is not None:
-            texts = self._lay_out(self._first + int(self._text_source[index]))[0].texts
+            told = self._lay_out(self._first + int(self._text_source[index]))[0]
+            texts, phrased_as = told.texts, told.phrased_as
         objects = [
             {
                 "shape": o.spec.shape,
@@ -199,6 +204,7 @@ class SyntheticRefScenes:
             "texts": list(texts),
             "family": scene.family,
             "no_target": scene.family == NO_TARGET,
+            "phrased_as": phrased_as,
             "targets": list(scene.targets),
             "objects": objects,
             "target": scene.targets[0] if scene.family in FAMILIES else None,

@@ -47,6 +47,7 @@ class Scene:
     targets: list[int]  # the referred objects; empty for no_target
     anchor: int | None
     texts: list[str]
+    phrased_as: str  # the family whose grammar the texts follow: ``family``; for no_target, a target family
 
 
 def lay_out(rng: np.random.Generator, family: str, size: int) -> Scene:
@@ -63,7 +64,7 @@ def lay_out(rng: np.random.Generator, family: str, size: int) -> Scene:
     for _ in range(_SCENE_TRIES):
         layout = place(specs, size, rng)
         if layout is not None:
-            return Scene(NO_TARGET, layout[0], layout[1], [], None, told.texts)
+            return Scene(NO_TARGET, layout[0], layout[1], [], None, told.texts, told.family)
     raise RuntimeError(f"could not lay out a {family!r} scene at size {size}")
 
 
@@ -77,7 +78,7 @@ def _resolved(rng: np.random.Generator, family: str, size: int) -> Scene:
             continue
         resolved = resolve(layout[0], rng)
         if resolved is not None:
-            return Scene(family, layout[0], layout[1], *resolved)
+            return Scene(family, layout[0], layout[1], *resolved, family)
     raise RuntimeError(f"could not lay out a {family!r} scene at size {size}")
 
 
