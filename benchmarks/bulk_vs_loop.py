@@ -1,11 +1,12 @@
 """Bulk prediction (`predict_manifest`: decoding workers, pairs of several images per forward pass)
 vs a Python loop calling `Predictor.predict` image by image, on the same pairs, side by side.
 
-    python benchmarks/bulk_vs_loop.py --threads 2
+    python benchmarks/bulk_vs_loop.py --threads 2                  # 250 images x 2 expressions
+    python benchmarks/bulk_vs_loop.py --threads 2 --texts 1 --images 500   # one expression per image
 
 Generated synthetic scenes are written as PNG files (so that decoding costs what it costs on real
-data), every image gets the same expressions, and both ways produce the same output: COCO RLE
-masks as JSON lines. The two take turns on rounds of images (each bulk round starts its own
+data), every image gets the same expressions (the first ``--texts`` of ``TEXTS``), and both ways
+produce the same output: COCO RLE masks as JSON lines. The two take turns on rounds of images (each bulk round starts its own
 workers), so both see the same load. Prints pairs per second both ways and the ratio.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sharedris.bulk import predict_manifest
+from sharedris.bulk import default_workers, predict_manifest
 from sharedris.data.synthetic import SyntheticRefScenes
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.predictor import Predictor
@@ -32,15 +33,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="'default' or a checkpoint folder")
     parser.add_argument("--images", type=int, default=250)
+    parser.add_argument("--texts", type=int, default=2, choices=range(1, len(TEXTS) + 1),
+                        help="expressions per image: the loop sends them to the model together")
     parser.add_argument("--size", default="320x240", help="WxH of the generated PNGs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
-    parser.add_argument("--workers", type=int, default=2, help="bulk: decoding worker processes")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="bulk: decoding worker processes (default: as predict_manifest picks)")
     parser.add_argument("--batch-size", type=int, default=16, help="bulk: pairs per forward pass")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--rounds", type=int, default=5, help="turns each way (the images split into this many rounds)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    texts = TEXTS[:args.texts]
+    workers = default_workers(torch.device("cpu")) if args.workers is None else args.workers
     width, height = (int(v) for v in args.size.lower().split("x"))
     predictor = Predictor(load_pretrained(args.model), precision=args.precision)
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,9 +57,9 @@ def main() -> None:
             path = root / f"{i:04d}.png"
             scenes[i]["image"].resize((width, height)).save(path)
             paths.append(path)
-        pairs = len(paths) * len(TEXTS)
+        pairs = len(paths) * len(texts)
 
-        predictor.predict(paths[0], TEXTS)  # warm-up
+        predictor.predict(paths[0], texts)  # warm-up
         # the two ways take turns on rounds of images, so that both see the same load on a shared machine
         seconds = {"loop": 0.0, "bulk": 0.0}
         step = -(-len(paths) // args.rounds)
@@ -64,22 +70,22 @@ def main() -> None:
                     start = time.perf_counter()
                     if way == "loop":
                         for path in chunk:
-                            pred = predictor.predict(path, TEXTS)
+                            pred = predictor.predict(path, texts)
                             for k, (mask, score) in enumerate(zip(pred.masks, pred.scores)):
                                 f.write(json.dumps({"id": str(path), "text_index": k, "score": round(float(score), 4),
                                                     "rle": encode_rle(mask)}) + "\n")
                     else:
-                        summary = predict_manifest(predictor, [{"image": str(p), "texts": TEXTS} for p in chunk],
-                                                   root / f"bulk{r}", batch_size=args.batch_size, workers=args.workers,
+                        summary = predict_manifest(predictor, [{"image": str(p), "texts": texts} for p in chunk],
+                                                   root / f"bulk{r}", batch_size=args.batch_size, workers=workers,
                                                    show_progress=False)
-                        assert summary.written == len(chunk) * len(TEXTS)
+                        assert summary.written == len(chunk) * len(texts)
                     seconds[way] += time.perf_counter() - start
         loop, bulk = pairs / seconds["loop"], pairs / seconds["bulk"]
 
-    print(f"model {args.model}, {args.images} images of {width}x{height} PNG x {len(TEXTS)} expressions = "
+    print(f"model {args.model}, {args.images} images of {width}x{height} PNG x {len(texts)} expressions = "
           f"{pairs} pairs, {args.threads} torch threads, precision {predictor.precision}")
     print(f"  loop of Predictor.predict:              {loop:7.1f} pairs/s")
-    print(f"  predict_manifest ({args.workers} workers, batch {args.batch_size}): {bulk:7.1f} pairs/s")
+    print(f"  predict_manifest ({workers} workers, batch {args.batch_size}): {bulk:7.1f} pairs/s")
     print(f"  ratio: x{bulk / loop:.2f}")
 
 

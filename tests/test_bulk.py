@@ -20,7 +20,7 @@ import torch
 from _tiny_model import save_tiny_model, scene
 
 import sharedris
-from sharedris.bulk import BadRow, ManifestError, Row, predict_manifest, read_manifest
+from sharedris.bulk import BadRow, ManifestError, Row, default_workers, predict_manifest, read_manifest
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.predictor import Predictor
 from sharedris.render import encode_rle
@@ -261,6 +261,20 @@ def test_python_api(tmp_path, model_dir):
     assert _errors(tmp_path / "out") == []
     with pytest.raises(ValueError, match="batch size"):
         sharedris.predict_manifest(model, rows, tmp_path / "out", batch_size=0)
+
+
+@pytest.mark.parametrize("cores, threads, device, expected", [
+    (2, 2, "cpu", 0),  # every core runs a torch thread: decode in the main process
+    (4, 2, "cpu", 2),
+    (3, 2, "cpu", 1),
+    (16, 8, "cpu", 2),  # at most 2
+    (2, 2, "cuda", 1),  # the GPU runs the model: every core but the main one may decode
+    (1, 1, "cuda", 0),
+])
+def test_default_workers_use_only_cores_the_model_leaves_free(monkeypatch, cores, threads, device, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert default_workers(torch.device(device)) == expected
 
 
 def test_no_match_pairs_are_marked_and_get_no_mask_png(tmp_path):

@@ -507,9 +507,22 @@ def rank_device(device: torch.device | str) -> torch.device:
     return init_distributed(device.type).device
 
 
+def default_workers(device: torch.device) -> int:
+    """Image-decoding worker processes worth starting: up to 2, on cores the model does not use.
+
+    On a GPU the model leaves the CPU cores free. On a CPU torch runs its own threads
+    (``torch.get_num_threads()``) on the cores; a worker on a core they use slows the model's
+    threads more than its decoding saves: on a 2-core machine with 2 torch threads, 2 workers made
+    the engine 10% slower than decoding in the main process (docs/benchmarks.md).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    spare = cores - 1 if device.type == "cuda" else cores - torch.get_num_threads()
+    return max(0, min(2, spare))
+
+
 def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_dir: str | Path, *,
                      device: torch.device | str = "cpu", precision: str = "fp32", presence_threshold: float = 0.5,
-                     batch_size: int = 16, workers: int = 2, save_png: bool = False,
+                     batch_size: int = 16, workers: int | None = None, save_png: bool = False,
                      show_progress: bool = True) -> BulkSummary:
     """Segment every (image, expression) pair of ``manifest`` into ``out_dir/results.jsonl``.
 
@@ -528,7 +541,8 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
         out_dir: the output folder (created).
         device, precision, presence_threshold: as for :class:`~sharedris.predictor.Predictor`.
         batch_size: pairs per forward pass, from several images.
-        workers: DataLoader worker processes decoding images (0 = in this process).
+        workers: DataLoader worker processes decoding images (0 = in this process); None =
+            :func:`default_workers` for the predictor's device.
         save_png: also write ``<id>__<text index>_mask.png`` (not for "no match") and ``_overlay.png`` per pair.
         show_progress: a progress bar on stderr (rank 0 only).
     Returns:
@@ -539,12 +553,14 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    if workers < 0:
+    if workers is not None and workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
     manifest = read_manifest(manifest)
     if not isinstance(model, Predictor):
         model = Predictor(model, device=rank_device(device), precision=precision,
                           presence_threshold=presence_threshold)
+    if workers is None:
+        workers = default_workers(model.device)
     elif _world_size() > 1 and not dist.is_initialized():
         init_distributed(model.device.type)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

@@ -436,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     pr.add_argument("--batch-size", type=int, default=16,
                     help="bulk: (image, expression) pairs per forward pass, from several images")
-    pr.add_argument("--workers", type=int, default=2, help="bulk: image decoding processes (0 = in this one)")
+    pr.add_argument("--workers", type=int, default=None,
+                    help="bulk: image decoding processes (0 = in this one; default: up to 2 on cores the model "
+                         "does not use, so none on a CPU machine whose cores all run torch threads)")
     pr.add_argument("--save-png", action="store_true", help="bulk: also write mask and overlay PNGs per pair")
     pr.add_argument("--presence-threshold", type=_probability, default=0.5, help=PRESENCE_HELP)
     pr.add_argument("--json", action="store_true", help="print results (COCO RLE masks, scores, presence) as JSON; "
