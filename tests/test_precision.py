@@ -175,3 +175,20 @@ def test_gpu_check_runs_on_cpu_with_tiny_settings() -> None:
     assert [r[1:3] for r in rows] == [["train", "bf16"]] * 4 + [["infer", "bf16"]] * 2 + [["ddp", "smoke"]]
     assert all(float(r[5]) > 0 for r in rows[:4])  # samples/s of the training cells
     assert rows[-1][8] == "ok"  # after "ddp smoke (torchrun, 1 proc) <batch> -"
+
+
+def test_precision_breakdown_splits_the_forward_pass_into_groups_that_add_up() -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "precision_breakdown.py"
+    done = subprocess.run([sys.executable, str(script), "sharedris_tiny", "--threads", "1"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {}
+    for line in done.stdout.splitlines():
+        numbers = line.split()[-3:]
+        if line.startswith(("matrix products", "attention", "other", "total")):
+            rows[line[:18].strip()] = [float(numbers[0]), float(numbers[1])]
+    assert list(rows) == ["matrix products", "attention", "other", "total"]
+    for column in (0, 1):  # fp32, bf16 milliseconds
+        parts = sum(rows[g][column] for g in ("matrix products", "attention", "other"))
+        assert rows["total"][column] == pytest.approx(parts, abs=0.2)
+        assert rows["matrix products"][column] > 0 and rows["attention"][column] > 0
