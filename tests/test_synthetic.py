@@ -490,3 +490,26 @@ def test_write_refer_format_layout_and_consistency(tmp_path: Path) -> None:
         seen[ref["split"]] += 1
         assert np.array_equal(_rasterise(ann["segmentation"], size), sample["mask"])
         assert ref["sentences"][0]["sent"] in sample["texts"]
+
+
+def test_no_target_phrasings_choose_which_expressions_no_target_scenes_borrow() -> None:
+    relations = SyntheticRefScenes("train", size=64, length=40, seed=3, families=["no_target"],
+                                   no_target_phrasings=["relation"])
+    assert {relations[i]["phrased_as"] for i in range(40)} == {"relation"}
+    assert all(_RELATION.search(relations[i]["text"]) for i in range(40))
+    mixed = SyntheticRefScenes("train", size=64, length=40, seed=3, families=["no_target"],
+                               no_target_phrasings=["size", "size", "size", "position"])
+    drawn = [mixed[i]["phrased_as"] for i in range(40)]
+    assert set(drawn) == {"size", "position"} and drawn.count("size") > drawn.count("position")
+    with pytest.raises(ValueError, match="no_target_phrasings"):
+        SyntheticRefScenes("train", size=64, length=4, no_target_phrasings=["multi_target"])
+
+
+def test_only_training_scenes_take_the_no_target_phrasings_of_the_config() -> None:
+    from sharedris.data.config import DataConfig
+    from sharedris.data.registry import build_source
+
+    cfg = DataConfig(synthetic_image_size=64, synthetic_train_size=8, synthetic_eval_size=12,
+                     synthetic_train_families=("no_target",), synthetic_no_target_phrasings=("size",))
+    assert build_source(cfg, "train", train=True).no_target_phrasings == ("size",)
+    assert build_source(cfg, "val", train=False).no_target_phrasings == FAMILIES

@@ -23,6 +23,9 @@ class DataConfig:
     # as often. The four target families by default; add no_target and multi_target for generalised
     # referring (empty and union masks).
     synthetic_train_families: tuple[str, ...] = FAMILIES
+    # Training scenes only: the target families whose expressions no_target scenes borrow, drawn
+    # uniformly from this list (evaluation always borrows from all four alike).
+    synthetic_no_target_phrasings: tuple[str, ...] = FAMILIES
     # Background styles drawn per scene, training and evaluation alike (sharedris.data.synthetic.STYLES:
     # texture, plain, gradient, stripes); the texture scenes are the same whichever others are listed.
     synthetic_styles: tuple[str, ...] = ("texture",)

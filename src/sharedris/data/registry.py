@@ -13,7 +13,7 @@ from sharedris.data.sample import Source
 
 
 def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
-    from sharedris.data.synthetic import GENERAL_FAMILIES, SyntheticRefScenes
+    from sharedris.data.synthetic import FAMILIES, GENERAL_FAMILIES, SyntheticRefScenes
 
     return SyntheticRefScenes(
         split=split,
@@ -25,6 +25,7 @@ def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
         fresh_epochs=cfg.synthetic_fresh_epochs and train,
         balanced=not train,  # every family alike in evaluation
         styles=cfg.synthetic_styles,
+        no_target_phrasings=cfg.synthetic_no_target_phrasings if train else FAMILIES,
     )
 
 

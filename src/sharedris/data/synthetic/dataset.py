@@ -97,6 +97,9 @@ class SyntheticRefScenes:
     sample of the same block (a fixed derangement), so text carries no information while images and
     masks stay: a control experiment. ``family`` stays the family of the scene, not of the text.
 
+    A ``no_target`` scene borrows the expression of a target family drawn uniformly from
+    ``no_target_phrasings`` (the four by default; list one twice to draw it twice as often).
+
     Each scene's background style is drawn uniformly from ``styles`` (``STYLES``: ``texture``, the
     default, ``plain``, ``gradient``, ``stripes``); it is drawn last, so the scenes of the default
     style do not depend on which others are offered.
@@ -121,6 +124,7 @@ class SyntheticRefScenes:
         fresh_epochs: bool = False,
         balanced: bool = False,
         styles: Sequence[str] = ("texture",),
+        no_target_phrasings: Sequence[str] = FAMILIES,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
@@ -128,6 +132,9 @@ class SyntheticRefScenes:
         if unknown or not families:
             raise ValueError(f"families must be a non-empty list of names from {GENERAL_FAMILIES}, "
                              f"got {list(families)}")
+        if not no_target_phrasings or not set(no_target_phrasings) <= set(FAMILIES):
+            raise ValueError(f"no_target_phrasings must be a non-empty list of names from {FAMILIES}, "
+                             f"got {list(no_target_phrasings)}")
         if not styles or not set(styles) <= set(STYLES):
             raise ValueError(f"styles must be a non-empty list of names from {STYLES}, got {list(styles)}")
         if size < 64:
@@ -140,6 +147,7 @@ class SyntheticRefScenes:
         self.fresh_epochs = fresh_epochs
         self.balanced = balanced
         self.styles = tuple(styles)
+        self.no_target_phrasings = tuple(no_target_phrasings)
         self.vocabulary = expression_words(self.families)
         self.description = _description(self.styles)
         self._first = 0  # scene number of sample 0
@@ -165,7 +173,7 @@ class SyntheticRefScenes:
             family = self.families[number % len(self.families)]
         else:
             family = self.families[int(rng.integers(len(self.families)))]
-        return lay_out(rng, family, self.size), rng
+        return lay_out(rng, family, self.size, self.no_target_phrasings), rng
 
     def __getitem__(self, index: int) -> SyntheticSample:
         index = operator.index(index)

@@ -50,16 +50,17 @@ class Scene:
     phrased_as: str  # the family whose grammar the texts follow: ``family``; for no_target, a target family
 
 
-def lay_out(rng: np.random.Generator, family: str, size: int) -> Scene:
+def lay_out(rng: np.random.Generator, family: str, size: int, phrasings: Sequence[str] = FAMILIES) -> Scene:
     """Lay out a ``size`` x ``size`` scene of ``family``, retrying layouts until it is unambiguous.
 
-    A ``no_target`` scene draws one of the target families, lays out a scene of it (which fixes the
-    expression, drawn exactly as that family draws it), then places its objects anew with the
-    referent hidden (:func:`hide_referent`).
+    A ``no_target`` scene draws one of the target families in ``phrasings`` (uniformly; a family
+    listed twice is drawn twice as often), lays out a scene of it (which fixes the expression, drawn
+    exactly as that family draws it), then places its objects anew with the referent hidden
+    (:func:`hide_referent`).
     """
     if family != NO_TARGET:
         return _resolved(rng, family, size)
-    told = _resolved(rng, FAMILIES[int(rng.integers(len(FAMILIES)))], size)
+    told = _resolved(rng, phrasings[int(rng.integers(len(phrasings)))], size)
     specs = hide_referent(told.family, [o.spec for o in told.objects], told.targets[0], told.anchor, rng)
     for _ in range(_SCENE_TRIES):
         layout = place(specs, size, rng)
