@@ -173,8 +173,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tmp_path, model_dir):
     manifest, bad_lines = _write_dataset(tmp_path, good_rows=25)
-    args = ["--manifest", str(manifest), "--model", str(model_dir), "--precision", "fp32", "--workers", "0",
-            "--batch-size", "4"]
+    # --workers unset: the default decides, as it does for users
+    args = ["--manifest", str(manifest), "--model", str(model_dir), "--precision", "fp32", "--batch-size", "4"]
     single = _run(*args, "-o", "single", cwd=tmp_path)
     assert single.returncode == 2, single.stderr
     ddp = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1",

@@ -559,10 +559,10 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
     if not isinstance(model, Predictor):
         model = Predictor(model, device=rank_device(device), precision=precision,
                           presence_threshold=presence_threshold)
-    if workers is None:
-        workers = default_workers(model.device)
     elif _world_size() > 1 and not dist.is_initialized():
         init_distributed(model.device.type)
+    if workers is None:
+        workers = default_workers(model.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
