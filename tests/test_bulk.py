@@ -277,6 +277,20 @@ def test_default_workers_use_only_cores_the_model_leaves_free(monkeypatch, cores
     assert default_workers(torch.device(device)) == expected
 
 
+def test_a_predictor_under_torchrun_joins_the_process_group_whatever_the_workers(tmp_path, model_dir, monkeypatch):
+    import sharedris.bulk as bulk
+
+    joined = []
+    monkeypatch.setattr(bulk, "_world_size", lambda: 2)  # as under torchrun, before any process group
+    monkeypatch.setattr(bulk, "init_distributed", lambda kind: joined.append(kind))
+    scene(20, 14, seed=0).save(tmp_path / "0.png")
+    predictor = Predictor(load_pretrained(model_dir))
+    for workers in (None, 0):
+        predict_manifest(predictor, [{"image": str(tmp_path / "0.png"), "texts": ["x"]}], tmp_path / str(workers),
+                         workers=workers, show_progress=False)
+    assert joined == ["cpu", "cpu"]
+
+
 def test_no_match_pairs_are_marked_and_get_no_mask_png(tmp_path):
     model = load_pretrained(save_tiny_model(tmp_path / "nomatch", presence_bias=-20.0))
     rows = [{"image": str(tmp_path / f"{i}.png"), "texts": TEXTS, "id": f"img-{i}"} for i in range(2)]
