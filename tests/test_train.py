@@ -303,6 +303,18 @@ def test_init_from_starts_from_a_model_folder(run_a, tmp_path):
     assert any(not torch.equal(scratch.state_dict()[k], v) for k, v in start.state_dict().items())
 
 
+def test_a_resumed_run_takes_its_weights_from_the_resume_file_not_init_from(run_a, tmp_path):
+    import shutil
+
+    start = shutil.copytree(run_a[1] / "final", tmp_path / "start")
+    cfg = _cfg(tmp_path / "h", epochs=1, init_from=str(start))
+    run = train(cfg, device="cpu")
+    shutil.rmtree(start)  # the folder the run started from is gone; last.pt has everything
+    assert train(cfg, resume=True, device="cpu") == run
+    with pytest.raises(ValueError, match="does not exist"):  # a fresh start still needs it
+        train(replace(cfg, out_dir=str(tmp_path / "i")), device="cpu")
+
+
 def test_init_from_refuses_what_it_cannot_use(run_a, tmp_path):
     _, run_a_dir = run_a
     deeper = {**TINY_MODEL, "encoder": {**TINY_MODEL["encoder"], "depth": 3}}

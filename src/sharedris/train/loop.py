@@ -129,7 +129,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
     random.seed(cfg.seed)
     mcfg = model_config(cfg.model, **cfg.model_overrides)
     model = build_model(mcfg, encoder_weights=cfg.encoder_weights, drop_path_rate=cfg.drop_path)
-    if cfg.init_from is not None:
+    resuming = resume and (out / RESUME_FILE).is_file()
+    if cfg.init_from is not None and not resuming:  # a resumed run takes its weights from the resume file
         _init_from(model, cfg)
     model.to(info.device)
     model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -159,7 +160,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
 
     step, best, elapsed = 0, -math.inf, 0.0
-    if resume and (out / RESUME_FILE).is_file():
+    if resuming:
         state = load_resume_state(out / RESUME_FILE)
         if state["config"] != to_dict(cfg):
             raise ValueError(f"{out / RESUME_FILE} was written with a different config; "
