@@ -44,9 +44,9 @@ DEFAULT_MODEL_DESCRIPTION = (
     "The default model is small and was trained only on synthetic scenes of flat shapes on grey "
     "backgrounds, so it knows that world and nothing else (not photos). It knows colours "
     f"({', '.join(COLOURS)}), shapes ({', '.join(SHAPES)}), sizes (small, big, large, the smallest, "
-    "the biggest, the bigger of the two), positions (left, right, top, bottom, middle, the leftmost ...; "
-    "its weak spot), relations to another object (the circle closest to / next to / farthest from the "
-    "purple triangle) and groups (all the red shapes, both triangles), and answers \"no match\" when "
+    "the biggest, the bigger of the two), positions (left, right, top, bottom, middle, the leftmost ...), "
+    "relations to another object (the circle closest to / next to / farthest from the purple triangle; "
+    "its weak spot) and groups (all the red shapes, both triangles), and answers \"no match\" when "
     "nothing in the image fits."
 )
 
