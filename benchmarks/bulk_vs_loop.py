@@ -6,8 +6,9 @@ vs a Python loop calling `Predictor.predict` image by image, on the same pairs, 
 
 Generated synthetic scenes are written as PNG files (so that decoding costs what it costs on real
 data), every image gets the same expressions (the first ``--texts`` of ``TEXTS``), and both ways
-produce the same output: COCO RLE masks as JSON lines. The two take turns on rounds of images (each bulk round starts its own
-workers), so both see the same load. Prints pairs per second both ways and the ratio.
+produce the same output: COCO RLE masks as JSON lines. The two take turns on rounds of images
+(each bulk round starts its own workers), so both see the same load. Prints pairs per second both
+ways and the ratio.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     texts = TEXTS[:args.texts]
-    workers = default_workers(torch.device("cpu")) if args.workers is None else args.workers
     width, height = (int(v) for v in args.size.lower().split("x"))
     predictor = Predictor(load_pretrained(args.model), precision=args.precision)
+    workers = default_workers(predictor.device) if args.workers is None else args.workers  # as predict_manifest picks
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         scenes = SyntheticRefScenes("test", size=max(width, height), length=args.images, seed=0)
