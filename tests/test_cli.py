@@ -86,6 +86,22 @@ def test_load_pretrained_refuses_weights_of_another_architecture(tmp_path, edit)
         load_pretrained(folder)
 
 
+def test_a_format_2_checkpoint_loads_with_its_iou_head_predicting_the_iou_itself(tmp_path):
+    folder = _saved_tiny(tmp_path)
+    assert json.loads((folder / "config.json").read_text())["model"]["decoder"]["iou_from_mask"] is True
+    assert load_pretrained(folder).config.decoder.iou_from_mask
+    meta = json.loads((folder / "config.json").read_text())
+    meta["format_version"] = 2
+    del meta["model"]["decoder"]["iou_from_mask"]  # format 2 did not have the setting
+    (folder / "config.json").write_text(json.dumps(meta))
+    model = load_pretrained(folder)
+    assert model.config.decoder.iou_from_mask is False
+    image = torch.randn(1, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        out = model(image, torch.tensor([[0, 5, 6, 2]]))
+    assert torch.equal(out.iou_pred, model.decoder.iou_mlp[-1].bias.expand(1))  # zero last layer: the bias alone
+
+
 def test_load_pretrained_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(PretrainedError, match="does not exist"):
         load_pretrained(tmp_path / "missing")

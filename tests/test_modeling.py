@@ -17,6 +17,7 @@ from sharedris.modeling import (
     list_models,
     model_config,
 )
+from sharedris.modeling.decoder import corrected_soft_iou, soft_iou
 from sharedris.modeling.fpn import ConvLevel, SharedLevel
 
 
@@ -108,6 +109,40 @@ def test_levels_without_a_shared_block_are_conv_only():
         fpn(taps, None, 5)
 
 
+def test_soft_iou_by_hand():
+    # probabilities 0.8 and 0.6 inside the mask (logit > 0), 0.2 and 0.5 outside (0.5 is logit 0: outside)
+    p = torch.tensor([[0.8, 0.6, 0.2, 0.5]])
+    value = soft_iou(torch.logit(p))
+    assert value.item() == pytest.approx((0.8 + 0.6) / (2 + 0.2 + 0.5), rel=1e-5)
+    certain = torch.tensor([[20.0, 20.0, -20.0, -20.0]])  # a mask the model is sure of: expected IoU ~1
+    assert soft_iou(certain).item() == pytest.approx(1.0, abs=1e-6)
+    assert soft_iou(torch.full((1, 4), -1e4)).item() == 1.0  # nothing anywhere: the empty mask is right
+    # the correction scales the expected error: log 2 doubles it, 0 keeps the soft IoU
+    logits = torch.logit(p)
+    assert corrected_soft_iou(torch.zeros(1), logits).item() == pytest.approx(value.item())
+    assert 1 - corrected_soft_iou(torch.tensor([0.6931472]), logits).item() == pytest.approx(2 * (1 - value.item()), rel=1e-5)
+
+
+def test_iou_from_mask_starts_at_the_soft_iou_of_the_full_size_mask_and_does_not_train_the_mask():
+    cfg = _small()
+    assert cfg.decoder.iou_from_mask
+    model = build_model(cfg)
+    image, ids, pad = _inputs(cfg)
+    out = model(image, ids, pad)
+    # a new head's correction is zero: the prediction is the soft IoU of the logits as returned
+    assert torch.allclose(out.iou_pred, soft_iou(out.mask_logits[:, 0]), atol=1e-6)
+    out.iou_pred.sum().backward()
+    assert model.decoder.iou_mlp[-1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.decoder.mask_mlp.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.encoder.parameters())
+    # with the setting off (checkpoints saved before it) the head's output is the prediction itself
+    plain = build_model(_small(decoder=dict(num_heads=2, iou_from_mask=False)))
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        q_out = plain(image, ids, pad).iou_pred
+    assert torch.allclose(q_out, torch.zeros(2), atol=1e-6)
+
+
 def test_train_and_eval_return_the_same_type():
     cfg = _small()
     model = build_model(cfg)
@@ -135,8 +170,10 @@ def test_every_trainable_parameter_gets_a_gradient(fine_width):
     referring_loss(model(image, ids, pad), target)["loss"].backward()  # the training loss, every head
     frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
     assert frozen == ["encoder.norm.A.bias", "encoder.norm.A.weight", "encoder.norm.B.bias", "encoder.norm.B.weight"]
-    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
+    zero = sorted(n for n, p in model.named_parameters() if p.requires_grad and not p.grad.any())
+    assert zero == ["decoder.iou_mlp.0.bias", "decoder.iou_mlp.0.weight"]  # behind the IoU head's zero last layer
     assert all(p.grad.abs().sum() > 0 for p in model.encoder.patch_embed.parameters())
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import pickle
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -513,3 +514,16 @@ def test_only_training_scenes_take_the_no_target_phrasings_of_the_config() -> No
                      synthetic_train_families=("no_target",), synthetic_no_target_phrasings=("size",))
     assert build_source(cfg, "train", train=True).no_target_phrasings == ("size",)
     assert build_source(cfg, "val", train=False).no_target_phrasings == FAMILIES
+
+
+def test_a_training_seed_draws_other_training_scenes_and_leaves_evaluation_alone() -> None:
+    base = DataConfig(synthetic_image_size=64, synthetic_train_size=6, synthetic_eval_size=6)
+    other = DataConfig(synthetic_image_size=64, synthetic_train_size=6, synthetic_eval_size=6, synthetic_train_seed=1)
+    train_a, train_b = build_source(base, "train", train=True), build_source(other, "train", train=True)
+    assert all(train_a[i]["text"] != train_b[i]["text"] or not np.array_equal(train_a[i]["mask"], train_b[i]["mask"])
+               for i in range(6))
+    assert [train_b[i]["text"] for i in range(6)] == [
+        build_source(replace(base, seed=1), "train", train=True)[i]["text"] for i in range(6)]
+    for split in ("val", "test"):
+        a, b = build_source(base, split, train=False), build_source(other, split, train=False)
+        assert all(a[i]["text"] == b[i]["text"] and np.array_equal(a[i]["mask"], b[i]["mask"]) for i in range(6))

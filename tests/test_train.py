@@ -326,6 +326,41 @@ def test_init_from_refuses_what_it_cannot_use(run_a, tmp_path):
         train(_cfg(tmp_path / "g", init_from=str(run_a_dir / "final"), encoder_weights="beit3.pth"), device="cpu")
     assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
 
+def test_a_head_only_stage_trains_the_head_alone_from_a_fresh_start(run_a, tmp_path):
+    _, run_a_dir = run_a
+    start = load_pretrained(run_a_dir / "final").state_dict()
+    fresh = _tiny_model().state_dict()  # what build_model gives with the run's seed
+    head = ("decoder.iou_mlp.",)
+    cfg = _cfg(tmp_path / "j", epochs=1, init_from=str(run_a_dir / "final"), init_skip=list(head),
+               train_only=list(head), optim={"lr": 1e-2, "new_module_lr_mult": 1.0, "warmup_epochs": 0.0})
+    run = train(cfg, device="cpu")
+    final = load_pretrained(run / "final").state_dict()
+    for k, v in start.items():
+        if k.startswith(head):
+            assert not torch.equal(final[k], v), f"{k} kept the init_from weights"
+        else:
+            assert torch.equal(final[k], v), f"{k} changed although only {head} trains"
+    assert not torch.equal(final["decoder.iou_mlp.2.weight"], fresh["decoder.iou_mlp.2.weight"])  # it trained
+    # without train_only the same start trains everything; init_skip alone keeps the head's fresh start
+    skip = load_pretrained(train(replace(cfg, train_only=(), optim=replace(cfg.optim, lr=0.0),
+                                         out_dir=str(tmp_path / "k")), device="cpu") / "final").state_dict()
+    assert torch.equal(skip["decoder.iou_mlp.0.weight"], fresh["decoder.iou_mlp.0.weight"])
+    assert torch.equal(skip["decoder.mask_mlp.0.weight"], start["decoder.mask_mlp.0.weight"])
+    with pytest.raises(ValueError, match="train_only=.*names no parameter"):
+        train(replace(cfg, train_only=("decoder.nothing",), out_dir=str(tmp_path / "l")), device="cpu")
+
+
+def test_init_from_takes_weights_that_fit_whatever_the_weightless_settings(run_a, tmp_path):
+    _, run_a_dir = run_a
+    other = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "iou_from_mask": False}}
+    cfg = _cfg(tmp_path / "m", epochs=1, init_from=str(run_a_dir / "final"), model_overrides=other,
+               optim={"lr": 0.0})
+    final = load_pretrained(train(cfg, device="cpu") / "final")
+    assert final.config.decoder.iou_from_mask is False
+    for k, v in load_pretrained(run_a_dir / "final").state_dict().items():
+        assert torch.equal(final.state_dict()[k], v), k
+
+
 # ------------------------------------------------------------------------------------ files
 def test_atomic_write_keeps_the_previous_file_when_the_writer_fails(tmp_path):
     target = tmp_path / "state.bin"

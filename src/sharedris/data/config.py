@@ -31,5 +31,8 @@ class DataConfig:
     synthetic_styles: tuple[str, ...] = ("texture",)
     synthetic_fresh_epochs: bool = False  # each epoch new training scenes (e*N..e*N+N-1) instead of the same N
     seed: int = 0
+    # Training scenes only: their seed, so that a later stage can see scenes no earlier one saw
+    # (None = seed; validation and test scenes always follow seed).
+    synthetic_train_seed: int | None = None
     shuffle_texts: bool = False  # control experiment: texts permuted across samples
     num_workers: int = 2

@@ -19,7 +19,7 @@ def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
         split=split,
         size=cfg.synthetic_image_size,
         length=cfg.synthetic_train_size if train else cfg.synthetic_eval_size,
-        seed=cfg.seed,
+        seed=cfg.synthetic_train_seed if train and cfg.synthetic_train_seed is not None else cfg.seed,
         families=cfg.synthetic_train_families if train else GENERAL_FAMILIES,
         shuffle_texts=cfg.shuffle_texts and train,
         fresh_epochs=cfg.synthetic_fresh_epochs and train,

@@ -27,6 +27,13 @@ class DecoderConfig:
             expression (generalized referring segmentation: no-target expressions).
         iou_head: predict, from the query, the IoU of the model's own thresholded mask with the
             target (a quality score, as SAM's IoU head).
+        iou_from_mask: the IoU head predicts a correction to the mask's own soft IoU (the IoU the
+            thresholded mask would have in expectation if its pixel probabilities were right, see
+            :func:`soft_iou`) instead of the IoU itself: ``1 - (1 - soft IoU) * exp(correction)``
+            (:func:`corrected_soft_iou`), applied by the model on its full-size logits. The query
+            alone hardly tells a 0.98 mask from a 0.90 one; how sharp the mask's edges are does
+            (docs/evaluation.md). Checkpoints saved before this setting existed predicted the IoU
+            itself (they load with it off).
         depth: number of Multiway blocks N_dec.
         num_heads: attention heads.
         mlp_ratio: FFN hidden width is ``width * mlp_ratio``.
@@ -37,6 +44,7 @@ class DecoderConfig:
     num_heads: int = 8
     presence_head: bool = True
     iou_head: bool = True
+    iou_from_mask: bool = True
     mlp_ratio: float = 2.0
     eps: float = 1e-5
 
@@ -70,6 +78,9 @@ class MaskDecoder(nn.Module):
         # Two small heads on the same query: it has seen the whole image and the whole expression.
         self.presence_mlp = _head(C) if cfg.presence_head else None
         self.iou_mlp = _head(C) if cfg.iou_head else None
+        if self.iou_mlp is not None and cfg.iou_from_mask:
+            nn.init.zeros_(self.iou_mlp[-1].weight)  # a new head starts from the mask's soft IoU
+            nn.init.zeros_(self.iou_mlp[-1].bias)
         self.mid_to_pixel = nn.Linear(C, Cp) if Cp != C else nn.Identity()
         # <m, F> sums Cp products: 1/sqrt(Cp) keeps the initial logits O(1), as in scaled attention.
         self.logit_scale = nn.Parameter(torch.tensor(Cp**-0.5))
@@ -90,7 +101,8 @@ class MaskDecoder(nn.Module):
             text_padding_mask: (B, L) bool, True = padding; or None.
         Returns:
             (B, 1, h, w) mask logits at the pixel-feature resolution; (B,) presence logits or None;
-            (B,) predicted IoU (unbounded regression output) or None.
+            (B,) predicted IoU (unbounded regression output), or with ``iou_from_mask`` the
+            correction for :func:`corrected_soft_iou`, or None.
         """
         B, C, g, _ = mid.shape
         query = self.query_proj(text[:, :1]) + self.query_embed  # (B, 1, C)
@@ -104,16 +116,52 @@ class MaskDecoder(nn.Module):
         q = self.query_norm(xt[:, 0])  # (B, C)
         m = self.mask_mlp(q)  # (B, Cp)
         presence = self.presence_mlp(q)[:, 0] if self.presence_mlp is not None else None  # (B,)
-        iou = self.iou_mlp(q)[:, 0] if self.iou_mlp is not None else None  # (B,)
         # The last block's vision stream (attention output projection, FFN) would otherwise be computed
         # and never used, leaving parameters without gradients (which DDP rejects). Adding the
         # query-aware map into the pixel features, as SAM does with its updated image embedding, uses it.
         xv = self.mid_to_pixel(xv).transpose(1, 2).reshape(B, -1, g, g)  # (B, Cp, g, g)
         pixel = pixel + F.interpolate(xv, size=pixel.shape[-2:], mode="bilinear", align_corners=False)
-        logits = torch.einsum("bc,bchw->bhw", m, pixel)  # (B, h, w)
-        return (logits * self.logit_scale + self.logit_bias).unsqueeze(1), presence, iou
+        logits = torch.einsum("bc,bchw->bhw", m, pixel) * self.logit_scale + self.logit_bias  # (B, h, w)
+        iou = self.iou_mlp(q)[:, 0] if self.iou_mlp is not None else None  # (B,)
+        return logits.unsqueeze(1), presence, iou
+
+
+def soft_iou(logits: Tensor) -> Tensor:
+    """The IoU each mask ``logits > 0`` would have in expectation if ``sigmoid(logits)`` were right.
+
+    With p the pixel probabilities and M the thresholded mask, ``sum_M p / (|M| + sum_notM p)``:
+    the expected intersection over the expected union (a ratio of expectations), 1 for an empty
+    mask with no probability anywhere. Computed in float32.
+
+    Args:
+        logits: (B, h, w) mask logits.
+    Returns:
+        (B,) values in [0, 1].
+    """
+    logits = logits.float().flatten(1)
+    p = torch.sigmoid(logits)
+    inside = logits > 0
+    inter = torch.where(inside, p, torch.zeros_like(p)).sum(dim=1)
+    union = inside.sum(dim=1).float() + torch.where(inside, torch.zeros_like(p), p).sum(dim=1)
+    return torch.where(union > 0, inter / union.clamp(min=1e-6), torch.ones_like(union))
 
 
 def _head(width: int) -> nn.Sequential:
     """A two-layer MLP from the query to one number."""
     return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
+
+
+def corrected_soft_iou(correction: Tensor, logits: Tensor) -> Tensor:
+    """The predicted IoU of ``iou_from_mask``: ``1 - (1 - soft_iou(logits)) * exp(correction)``.
+
+    The correction scales the mask's expected error rather than adding to its IoU, so a correction
+    learned from the query keeps the order of near-perfect masks that the soft IoU gives. The
+    logits are detached: the quality estimate does not train the mask.
+
+    Args:
+        correction: (B,) the IoU head's output.
+        logits: (B, h, w) mask logits.
+    Returns:
+        (B,) float32 predicted IoU (at most 1).
+    """
+    return 1.0 - (1.0 - soft_iou(logits.detach())) * torch.exp(correction.float())

@@ -21,7 +21,8 @@ from sharedris.modeling.segmenter import SharedRIS
 FORMAT = "sharedris"
 # 2: training settings (encoder drop_path_rate, grad_checkpointing) and derived values (image_size,
 # decoder width) left the model config; version-1 files are read by dropping them (_upgrade_v1).
-FORMAT_VERSION = 2
+# 3: decoder.iou_from_mask; older files predicted the IoU from the query alone (_upgrade_v2).
+FORMAT_VERSION = 3
 CONFIG_FILE, WEIGHTS_FILE, VOCABULARY_FILE = "config.json", "model.safetensors", "vocabulary.json"
 HEADS = {"presence_head": "decoder.presence_mlp.", "iou_head": "decoder.iou_mlp."}  # config flag -> weights
 
@@ -89,7 +90,12 @@ def _upgrade_v1(model: dict) -> dict:
     width = model["decoder"].pop("width", None)
     if width is not None and width != model.get("fpn", {}).get("width", width):
         raise ValueError(f"decoder.width {width} differs from fpn.width {model['fpn']['width']}")
-    return model
+    return _upgrade_v2(model)
+
+
+def _upgrade_v2(model: dict) -> dict:
+    """A format-2 model config in today's form: its IoU head predicted the IoU itself."""
+    return {**model, "decoder": {"iou_from_mask": False, **model.get("decoder", {})}}
 
 
 def load_pretrained(path: str | Path = "default", device: torch.device | str = "cpu") -> SharedRIS:
@@ -118,7 +124,9 @@ def load_pretrained(path: str | Path = "default", device: torch.device | str = "
         raise PretrainedError(f"{folder} was written by a newer sharedris (format "
                               f"{meta['format_version']}); upgrade sharedris")
     try:
-        model_dict = meta["model"] if meta.get("format_version", 0) >= 2 else _upgrade_v1(meta["model"])
+        version = meta.get("format_version", 0)
+        model_dict = meta["model"] if version >= 3 else _upgrade_v2(meta["model"]) if version == 2 \
+            else _upgrade_v1(meta["model"])
         cfg = ModelConfig.from_dict(model_dict)
     except (KeyError, TypeError, ValueError) as e:
         raise PretrainedError(f"{folder / CONFIG_FILE} has an invalid model config ({e})") from None

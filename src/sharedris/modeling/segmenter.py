@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from sharedris.modeling.beit3 import BEiT3
 from sharedris.modeling.config import ModelConfig
-from sharedris.modeling.decoder import MaskDecoder
+from sharedris.modeling.decoder import MaskDecoder, corrected_soft_iou
 from sharedris.modeling.fpn import SharedFPN
 
 
@@ -84,4 +84,6 @@ class SharedRIS(nn.Module):
         feats = self.fpn(taps, text_padding_mask, self.encoder.cfg.grid_size, image)
         logits, presence, iou = self.decoder(feats.pixel, feats.mid, feats.text, text_padding_mask)  # (B, 1, 4g or 8g, same)
         logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        if iou is not None and self.decoder.cfg.iou_from_mask:  # the soft IoU of the mask as scored, full size
+            iou = corrected_soft_iou(iou, logits[:, 0])
         return SegmenterOutput(logits, presence, iou)

@@ -55,6 +55,10 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)  # passed to build_model
     encoder_weights: str | None = None  # official BEiT-3 file to initialise the encoder from
     init_from: str | None = None  # a model folder (e.g. an earlier run's best/) whose weights start this run
+    # parameter-name prefixes whose init_from weights are not taken (they keep their fresh initialisation)
+    init_skip: tuple[str, ...] = ()
+    # parameter-name prefixes: train only these, the rest stays frozen (e.g. a head-only stage); () = all
+    train_only: tuple[str, ...] = ()
     tokenizer: str | None = None  # SentencePiece file; None = the one bundled for the model
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -83,15 +83,32 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """Copy the weights of the model folder ``cfg.init_from`` into ``model``, whose architecture it must have."""
+    """Copy the weights of the model folder ``cfg.init_from`` into ``model``, except ``cfg.init_skip``.
+
+    The folder's weights must fit ``model`` (same names and shapes); settings that hold no weights
+    (e.g. ``decoder.iou_from_mask``) come from ``cfg.model`` and ``cfg.model_overrides``.
+    """
     try:
-        start = load_pretrained(cfg.init_from)
+        start = load_pretrained(cfg.init_from).state_dict()
     except PretrainedError as e:
         raise ValueError(f"init_from={cfg.init_from!r}: {e}") from None
-    if start.config != model.config:
+    own = model.state_dict()
+    if {k: v.shape for k, v in start.items()} != {k: v.shape for k, v in own.items()}:
         raise ValueError(f"init_from={cfg.init_from!r} holds another architecture than model={cfg.model} with its "
                          "model_overrides; start from a folder of the same model")
-    model.load_state_dict(start.state_dict())
+    model.load_state_dict({k: own[k] if k.startswith(tuple(cfg.init_skip)) else v for k, v in start.items()})
+
+
+def _select_trainable(model: torch.nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Freeze every parameter whose name starts with none of ``prefixes`` (nothing when empty)."""
+    if not prefixes:
+        return
+    chosen = [name for name, _ in model.named_parameters() if name.startswith(prefixes)]
+    if not chosen:
+        raise ValueError(f"train_only={list(prefixes)} names no parameter of the model (e.g. decoder.iou_mlp)")
+    for name, p in model.named_parameters():
+        if not name.startswith(prefixes):
+            p.requires_grad_(False)
 
 
 def train(cfg: TrainConfig, resume: bool = False, device: str | None = None) -> Path:
@@ -132,6 +149,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
     resuming = resume and (out / RESUME_FILE).is_file()
     if cfg.init_from is not None and not resuming:  # a resumed run takes its weights from the resume file
         _init_from(model, cfg)
+    _select_trainable(model, tuple(cfg.train_only))
     model.to(info.device)
     model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     tokenizer_file = resolve_tokenizer(mcfg, cfg.tokenizer)
