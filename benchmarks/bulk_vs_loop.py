@@ -1,5 +1,6 @@
-"""Bulk prediction (`predict_manifest`: decoding workers, pairs of several images per forward pass)
-vs a Python loop calling `Predictor.predict` image by image, on the same pairs, side by side.
+"""Bulk prediction (`predict_manifest`: pairs of several images per forward pass, batches in
+lanes, decoding workers) vs a Python loop calling `Predictor.predict` image by image, on the same
+pairs, side by side, at the same precision.
 
     python benchmarks/bulk_vs_loop.py --threads 2                  # 250 images x 2 expressions
     python benchmarks/bulk_vs_loop.py --threads 2 --texts 1 --images 500   # one expression per image
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sharedris.bulk import default_workers, predict_manifest
+from sharedris.bulk import default_lanes, default_workers, predict_manifest
 from sharedris.data.synthetic import SyntheticRefScenes
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.predictor import Predictor
@@ -41,7 +42,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="bulk: decoding worker processes (default: as predict_manifest picks)")
     parser.add_argument("--batch-size", type=int, default=16, help="bulk: pairs per forward pass")
-    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--lanes", type=int, default=None,
+                        help="bulk: batches in the model at once (default: as predict_manifest picks)")
+    parser.add_argument("--precision", default="auto", help="both ways (auto: as `sharedris predict` picks)")
     parser.add_argument("--rounds", type=int, default=5, help="turns each way (the images split into this many rounds)")
     args = parser.parse_args()
 
@@ -49,7 +52,9 @@ def main() -> None:
     texts = TEXTS[:args.texts]
     width, height = (int(v) for v in args.size.lower().split("x"))
     predictor = Predictor(load_pretrained(args.model), precision=args.precision)
-    workers = default_workers(predictor.device) if args.workers is None else args.workers  # as predict_manifest picks
+    # as predict_manifest picks
+    workers = default_workers(predictor.device) if args.workers is None else args.workers
+    lanes = default_lanes(predictor.device) if args.lanes is None else args.lanes
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         scenes = SyntheticRefScenes("test", size=max(width, height), length=args.images, seed=0)
@@ -78,7 +83,7 @@ def main() -> None:
                     else:
                         summary = predict_manifest(predictor, [{"image": str(p), "texts": texts} for p in chunk],
                                                    root / f"bulk{r}", batch_size=args.batch_size, workers=workers,
-                                                   show_progress=False)
+                                                   lanes=lanes, show_progress=False)
                         assert summary.written == len(chunk) * len(texts)
                     seconds[way] += time.perf_counter() - start
         loop, bulk = pairs / seconds["loop"], pairs / seconds["bulk"]
@@ -86,7 +91,7 @@ def main() -> None:
     print(f"model {args.model}, {args.images} images of {width}x{height} PNG x {len(texts)} expressions = "
           f"{pairs} pairs, {args.threads} torch threads, precision {predictor.precision}")
     print(f"  loop of Predictor.predict:              {loop:7.1f} pairs/s")
-    print(f"  predict_manifest ({workers} workers, batch {args.batch_size}): {bulk:7.1f} pairs/s")
+    print(f"  predict_manifest ({workers} workers, {lanes} lanes, batch {args.batch_size}): {bulk:7.1f} pairs/s")
     print(f"  ratio: x{bulk / loop:.2f}")
 
 

@@ -20,7 +20,7 @@ import torch
 from _tiny_model import save_tiny_model, scene
 
 import sharedris
-from sharedris.bulk import BadRow, ManifestError, Row, default_workers, predict_manifest, read_manifest
+from sharedris.bulk import BadRow, ManifestError, Row, default_lanes, default_workers, predict_manifest, read_manifest
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.predictor import Predictor
 from sharedris.render import encode_rle
@@ -275,6 +275,46 @@ def test_default_workers_use_only_cores_the_model_leaves_free(monkeypatch, cores
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     assert default_workers(torch.device(device)) == expected
+
+
+@pytest.mark.parametrize("threads, device, expected", [(2, "cpu", 2), (16, "cpu", 2), (1, "cpu", 1), (8, "cuda", 1)])
+def test_default_lanes(monkeypatch, threads, device, expected):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert default_lanes(torch.device(device)) == expected
+
+
+def test_lanes_write_the_same_lines_in_the_same_order_and_give_back_the_threads(tmp_path, fp32, monkeypatch):
+    for i in range(9):
+        scene(20, 14, seed=i).save(tmp_path / f"{i}.png")
+    rows = [{"image": str(tmp_path / f"{i}.png"), "texts": TEXTS[: 1 + i % 2], "id": f"img-{i}"} for i in range(9)]
+    rows.insert(4, {"image": str(tmp_path / "missing.png"), "texts": ["x"], "id": "gone"})
+    threads = torch.get_num_threads()
+    one = predict_manifest(fp32, rows, tmp_path / "one", batch_size=2, workers=0, lanes=1, show_progress=False)
+    three = predict_manifest(fp32, rows, tmp_path / "three", batch_size=2, workers=0, lanes=3, show_progress=False)
+    assert torch.get_num_threads() == threads
+    assert (one.written, one.failed) == (three.written, three.failed) == (13, 1)
+    a, b = _results(tmp_path / "one"), _results(tmp_path / "three")
+    assert [(r["id"], r["text_index"], r["rle"]) for r in a] == [(r["id"], r["text_index"], r["rle"]) for r in b]
+    assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=2e-4)
+    assert _errors(tmp_path / "one") == _errors(tmp_path / "three")
+
+    calls = []
+    forward = fp32.forward
+
+    def fail_on_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory in a lane")
+        return forward(*args)
+
+    monkeypatch.setattr(fp32, "forward", fail_on_third)
+    with pytest.raises(RuntimeError, match="out of memory in a lane"):
+        predict_manifest(fp32, rows, tmp_path / "failed", batch_size=2, workers=0, lanes=2, show_progress=False)
+    assert torch.get_num_threads() == threads
+    written = _results(tmp_path / "failed")
+    assert [(r["id"], r["text_index"]) for r in written] == [(r["id"], r["text_index"]) for r in a[:len(written)]]
+    with pytest.raises(ValueError, match="lanes must be 1 or more"):
+        predict_manifest(fp32, rows, tmp_path / "x", lanes=0)
 
 
 def test_a_predictor_under_torchrun_joins_the_process_group_whatever_the_workers(tmp_path, model_dir, monkeypatch):

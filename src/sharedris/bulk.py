@@ -8,8 +8,9 @@ The engine behind ``sharedris predict --manifest`` (and several images, a folder
   folder. Each row is checked on its own: a bad row is reported, never fatal.
 * **Throughput.** DataLoader workers decode and preprocess images with the picklable
   :class:`~sharedris.predictor.ImagePreprocessor`; (image, expression) pairs of several images are
-  packed into one forward pass of up to ``batch_size`` pairs; each image is post-processed with
-  :meth:`~sharedris.predictor.Predictor.postprocess` at its displayed size.
+  packed into one forward pass of up to ``batch_size`` pairs; ``lanes`` batches run in the model at
+  once, each in its own thread, and their outputs are taken in the order they started; each image
+  is post-processed with :meth:`~sharedris.predictor.Predictor.postprocess` at its displayed size.
 * **Output.** One JSON line per pair, appended and flushed in manifest order, so a reader can
   follow the file as it grows; bad rows go to ``errors.jsonl``.
 * **Resume.** A rerun reads the pairs already in the results file and skips them. Lines are
@@ -29,6 +30,7 @@ import glob
 import json
 import os
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -402,11 +404,13 @@ class _Run:
     """One rank's work: jobs -> batches of pairs -> the model -> result lines in order."""
 
     def __init__(self, predictor: Predictor, out_dir: Path, results: _JsonlWriter, errors: _JsonlWriter,
-                 batch_size: int, save_png: bool, bar: Any) -> None:
+                 batch_size: int, save_png: bool, bar: Any, lanes: int) -> None:
         self.predictor, self.out_dir, self.results, self.errors = predictor, out_dir, results, errors
-        self.batch_size, self.save_png, self.bar = batch_size, save_png, bar
+        self.batch_size, self.save_png, self.bar, self.lanes = batch_size, save_png, bar, lanes
         self.queue: deque[tuple[_Job, int]] = deque()  # pairs waiting for the model: (job, position in pending)
         self.open: deque[_Job] = deque()  # jobs with outputs still missing, in manifest order
+        # batches in the model, oldest first: their outputs are taken in this order, so lines stay in order
+        self.running: deque[tuple[list[tuple[_Job, int]], Future[SegmenterOutput]]] = deque()
         self.written = self.failed = 0
 
     def fail(self, row: Row | BadRow, reason: str | None = None) -> None:
@@ -420,6 +424,17 @@ class _Run:
         loader = DataLoader(_Images([g[0].row.path for g in groups], self.predictor.preprocess_image),
                             batch_size=None, num_workers=workers,
                             pin_memory=self.predictor.device.type == "cuda")
+        if self.lanes == 1:
+            return self._run(groups, loader, None)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // self.lanes))  # the lanes share the model's threads
+        try:
+            with ThreadPoolExecutor(self.lanes, thread_name_prefix="sharedris-lane") as pool:
+                self._run(groups, loader, pool)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, groups: list[list[_Job]], loader: DataLoader, pool: ThreadPoolExecutor | None) -> None:
         for i, image, info in loader:
             if image is None:
                 for job in groups[i]:
@@ -432,16 +447,30 @@ class _Run:
                 self.open.append(job)
                 self.queue.extend((job, n) for n in range(len(job.pending)))
             while len(self.queue) >= self.batch_size:
-                self._forward(self.batch_size)
+                self._forward(self.batch_size, pool)
         while self.queue:
-            self._forward(min(self.batch_size, len(self.queue)))
+            self._forward(min(self.batch_size, len(self.queue)), pool)
+        while self.running:
+            self._collect()
 
-    def _forward(self, n: int) -> None:
-        """Run the model on the next ``n`` queued pairs, then write every job that is complete."""
+    def _forward(self, n: int, pool: ThreadPoolExecutor | None) -> None:
+        """Start the model on the next ``n`` queued pairs in a lane (here without ``pool``); with
+        every lane busy, wait for the oldest batch and write every job that is then complete."""
         pairs = [self.queue.popleft() for _ in range(n)]
-        output = self.predictor.forward(torch.stack([job.image for job, _ in pairs]),
-                                        torch.stack([job.ids[k] for job, k in pairs]),
-                                        torch.stack([job.pad[k] for job, k in pairs]))
+        batch = (torch.stack([job.image for job, _ in pairs]), torch.stack([job.ids[k] for job, k in pairs]),
+                 torch.stack([job.pad[k] for job, k in pairs]))
+        if pool is None:
+            future: Future[SegmenterOutput] = Future()
+            future.set_result(self.predictor.forward(*batch))
+        else:
+            future = pool.submit(self.predictor.forward, *batch)
+        self.running.append((pairs, future))
+        while len(self.running) >= self.lanes:
+            self._collect()
+
+    def _collect(self) -> None:
+        pairs, future = self.running.popleft()
+        output = future.result()
         start = 0
         for job, group in groupby(pairs, key=lambda p: p[0]):
             count = len(list(group))
@@ -507,6 +536,17 @@ def rank_device(device: torch.device | str) -> torch.device:
     return init_distributed(device.type).device
 
 
+def default_lanes(device: torch.device) -> int:
+    """Batches in the model at once: 2 on a CPU where torch runs 2 threads or more, else 1.
+
+    A small model's operators leave threads idle: on a 2-core CPU the engine with two batches of
+    the default model at once, one torch thread each, wrote 1.3-1.6x as many pairs per second as
+    with one batch on both threads, the main thread's decoding fitting in between
+    (docs/benchmarks.md). A GPU runs one batch at a time.
+    """
+    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+
+
 def default_workers(device: torch.device) -> int:
     """Image-decoding worker processes worth starting: up to 2, on cores the model does not use.
 
@@ -522,8 +562,8 @@ def default_workers(device: torch.device) -> int:
 
 def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_dir: str | Path, *,
                      device: torch.device | str = "cpu", precision: str = "fp32", presence_threshold: float = 0.5,
-                     batch_size: int = 16, workers: int | None = None, save_png: bool = False,
-                     show_progress: bool = True) -> BulkSummary:
+                     batch_size: int = 16, workers: int | None = None, lanes: int | None = None,
+                     save_png: bool = False, show_progress: bool = True) -> BulkSummary:
     """Segment every (image, expression) pair of ``manifest`` into ``out_dir/results.jsonl``.
 
     Each results line is ``{"id", "text_index", "image", "text", "matched", "present", "score",
@@ -543,18 +583,24 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
         batch_size: pairs per forward pass, from several images.
         workers: DataLoader worker processes decoding images (0 = in this process); None =
             :func:`default_workers` for the predictor's device.
+        lanes: batches in the model at once, each in its own thread with an equal share of torch's
+            threads, while this thread decodes the next images and writes results in order; None =
+            :func:`default_lanes` for the predictor's device. Torch's thread count is process-wide:
+            with 2 or more lanes it is divided for the run and restored after.
         save_png: also write ``<id>__<text index>_mask.png`` (not for "no match") and ``_overlay.png`` per pair.
         show_progress: a progress bar on stderr (rank 0 only).
     Returns:
         The counts of all ranks: pairs written, pairs skipped as already done, rows failed.
     Raises:
         ManifestError: the manifest cannot be read at all.
-        ValueError: ``batch_size`` below 1 or ``workers`` below 0.
+        ValueError: ``batch_size`` or ``lanes`` below 1, or ``workers`` below 0.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if workers is not None and workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
+    if lanes is not None and lanes < 1:
+        raise ValueError(f"lanes must be 1 or more, got {lanes}")
     manifest = read_manifest(manifest)
     if not isinstance(model, Predictor):
         model = Predictor(model, device=rank_device(device), precision=precision,
@@ -563,6 +609,8 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
         init_distributed(model.device.type)
     if workers is None:
         workers = default_workers(model.device)
+    if lanes is None:
+        lanes = default_lanes(model.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -582,7 +630,7 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
 
     results, errors = _JsonlWriter(results_path, "a"), _JsonlWriter(errors_path, "w")
     bar = progress(total=total, initial=skipped, desc="pairs", disable=not show_progress or rank != 0)
-    run = _Run(model, out, results, errors, batch_size, save_png, bar)
+    run = _Run(model, out, results, errors, batch_size, save_png, bar, lanes)
     try:
         for row in mine:
             if isinstance(row, BadRow):

@@ -252,7 +252,7 @@ def _predict_bulk(args: argparse.Namespace, device: torch.device) -> None:
         if main_rank:
             _log_precision(args.precision, predictor.precision, device)
         summary = predict_manifest(predictor, manifest, out, batch_size=args.batch_size, workers=args.workers,
-                                   save_png=args.save_png)
+                                   lanes=args.lanes, save_png=args.save_png)
     finally:
         cleanup_distributed()
     if not main_rank:
@@ -439,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workers", type=int, default=None,
                     help="bulk: image decoding processes (0 = in this one; default: up to 2 on cores the model "
                          "does not use, so none on a CPU machine whose cores all run torch threads)")
+    pr.add_argument("--lanes", type=int, default=None,
+                    help="bulk: batches in the model at once, sharing torch's threads (default: 2 on a CPU with "
+                         "2 or more torch threads, 1 on a GPU)")
     pr.add_argument("--save-png", action="store_true", help="bulk: also write mask and overlay PNGs per pair")
     pr.add_argument("--presence-threshold", type=_probability, default=0.5, help=PRESENCE_HELP)
     pr.add_argument("--json", action="store_true", help="print results (COCO RLE masks, scores, presence) as JSON; "
