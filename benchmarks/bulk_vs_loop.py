@@ -54,7 +54,7 @@ def main() -> None:
     predictor = Predictor(load_pretrained(args.model), precision=args.precision)
     # as predict_manifest picks
     workers = default_workers(predictor.device) if args.workers is None else args.workers
-    lanes = default_lanes(predictor.device) if args.lanes is None else args.lanes
+    lanes = default_lanes(predictor.device, predictor.runtime) if args.lanes is None else args.lanes
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         scenes = SyntheticRefScenes("test", size=max(width, height), length=args.images, seed=0)

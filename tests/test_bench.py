@@ -40,3 +40,22 @@ def test_bench_model_bad_precision_is_one_sentence(capsys, precision):
     captured = capsys.readouterr()
     assert exit_.value.code == 2 and captured.out == ""
     assert captured.err.startswith("sharedris bench: error: ") and captured.err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_bench_model_times_openvino_beside_torch(capsys):
+    main(["bench", "model", "--models", "sharedris_tiny", "--precision", "fp32,int8", "--runtime", "torch,openvino",
+          "--runs", "1", "--batch", "1", "--threads", "1", "--train-steps", "0", "--json"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = json.loads(lines[-1])["sharedris_tiny"]["precisions"]
+    assert list(rows) == ["fp32", "int8", "openvino fp32"]  # OpenVINO runs fp32 and bf16 only
+    assert rows["openvino fp32"]["head_share"] is None and rows["openvino fp32"]["latency_speedup"] > 0
+    table = [line for line in lines if line.startswith("sharedris_tiny")]
+    assert "openvino fp32" in table[-1] and " - " in table[-1]
+
+
+def test_bench_model_bad_runtime_is_one_sentence(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "model", "--models", "sharedris_tiny", "--runtime", "onnx"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "choose from torch, openvino" in err

@@ -13,6 +13,7 @@ import torch
 
 from sharedris.modeling.beit3 import BEiT3, BEiT3Config
 from sharedris.precision import PRECISIONS, PrecisionError, autocast_context, prepare_model, resolve_precision
+from sharedris.runtime import OPENVINO_PRECISIONS, OpenVINOModel
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], runs: int = 5, warmup: int = 1) -> dict[str, float]:
@@ -119,8 +120,9 @@ def concrete_precisions(precisions: Sequence[str]) -> list[str]:
 
 
 def _measure_model(name: str, runs: int, threads: int, throughput_batch: int,
-                   precisions: list[str]) -> dict[str, object]:
-    """One model's figures at each concrete precision; run in a fresh process so that its peak memory is its own."""
+                   precisions: list[str], runtimes: Sequence[str] = ("torch",)) -> dict[str, object]:
+    """One model's figures at each concrete precision and runtime; run in a fresh process so that its
+    peak memory is its own."""
     import resource
 
     from sharedris.modeling.registry import build_model, model_config
@@ -139,8 +141,14 @@ def _measure_model(name: str, runs: int, threads: int, throughput_batch: int,
 
     one, many = inputs(1), inputs(throughput_batch)
     fns: dict[str, Callable[[], object]] = {}
-    for precision in precisions:
-        run, dtype = prepare_model(model, precision, "cpu")
+    paths = [(p, "torch") for p in precisions if "torch" in runtimes]
+    paths += [(p, "openvino") for p in precisions if "openvino" in runtimes and p in OPENVINO_PRECISIONS]
+    for precision, runtime in paths:
+        key = precision if runtime == "torch" else f"openvino {precision}"
+        if runtime == "openvino":
+            run, dtype = OpenVINOModel(model, precision, threads), None
+        else:
+            run, dtype = prepare_model(model, precision, "cpu")
 
         def timed(fn: Callable[[], object], dtype: torch.dtype | None = dtype) -> Callable[[], object]:
             def call() -> object:
@@ -150,18 +158,21 @@ def _measure_model(name: str, runs: int, threads: int, throughput_batch: int,
 
         # Every precision's calls go into one dict: median_seconds calls them in turn each round, so
         # the precisions of a model are timed alternately and their ratios stay meaningful under load.
-        fns[f"{precision}/latency"] = timed(lambda run=run: run(*one))
-        fns[f"{precision}/encoder"] = timed(lambda run=run: run.encoder.forward_intermediates(*one, run.taps))
-        fns[f"{precision}/batch"] = timed(lambda run=run: run(*many))
+        fns[f"{key}/latency"] = timed(lambda run=run: run(*one))
+        if runtime == "torch":  # OpenVINO runs the graph whole: no encoder alone
+            fns[f"{key}/encoder"] = timed(lambda run=run: run.encoder.forward_intermediates(*one, run.taps))
+        fns[f"{key}/batch"] = timed(lambda run=run: run(*many))
     times = median_seconds(fns, runs=runs)
-    rows: dict[str, dict[str, float]] = {}
-    for precision in precisions:
-        latency, batch = times[f"{precision}/latency"], times[f"{precision}/batch"]
-        rows[precision] = {"latency_s": latency, "head_share": 1.0 - times[f"{precision}/encoder"] / latency,
-                           "throughput": throughput_batch / batch}
-        if "fp32" in precisions:
-            rows[precision]["latency_speedup"] = times["fp32/latency"] / latency
-            rows[precision]["throughput_speedup"] = times["fp32/batch"] / batch
+    rows: dict[str, dict[str, float | None]] = {}
+    for precision, runtime in paths:
+        key = precision if runtime == "torch" else f"openvino {precision}"
+        latency, batch = times[f"{key}/latency"], times[f"{key}/batch"]
+        encoder = times.get(f"{key}/encoder")
+        rows[key] = {"latency_s": latency, "head_share": None if encoder is None else 1.0 - encoder / latency,
+                     "throughput": throughput_batch / batch}
+        if "fp32/latency" in times:
+            rows[key]["latency_speedup"] = times["fp32/latency"] / latency
+            rows[key]["throughput_speedup"] = times["fp32/batch"] / batch
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "encoder_params": sum(p.numel() for p in model.encoder.parameters()),
@@ -172,7 +183,7 @@ def _measure_model(name: str, runs: int, threads: int, throughput_batch: int,
 
 
 def bench_models(names: list[str], runs: int = 3, threads: int = 2, throughput_batch: int = 8,
-                 precisions: Sequence[str] = ("fp32",)) -> dict[str, dict]:
+                 precisions: Sequence[str] = ("fp32",), runtimes: Sequence[str] = ("torch",)) -> dict[str, dict]:
     """Size, FLOPs, and per precision latency, throughput and speed-up over fp32, per model on the CPU.
 
     Each model is measured in its own process (``peak_rss_mb`` is that process's peak, all its
@@ -181,8 +192,11 @@ def bench_models(names: list[str], runs: int = 3, threads: int = 2, throughput_b
     "peak_rss_mb", "precisions": {precision: {...}}}}``, keyed by the concrete precisions of
     :func:`concrete_precisions`. Per precision: ``latency_s`` (batch 1), ``throughput`` (images/s
     at ``throughput_batch``), ``head_share`` (the fraction of the batch-1 time spent after the
-    encoder: Shared FPN + Mask Decoder) and, when fp32 is among them, ``latency_speedup`` and
-    ``throughput_speedup`` (fp32 time / this precision's time).
+    encoder: Shared FPN + Mask Decoder; None for OpenVINO, which runs the graph whole) and, when
+    fp32 is among them, ``latency_speedup`` and ``throughput_speedup`` (torch fp32 time / this
+    one's time). With ``"openvino"`` in ``runtimes`` (and ``"torch"`` for the PyTorch rows) fp32
+    and bf16 also run through :class:`~sharedris.runtime.OpenVINOModel`, keyed ``"openvino fp32"``
+    and ``"openvino bf16"``.
 
     Raises:
         PrecisionError: an unknown precision; or int8 without torchao installed.
@@ -194,7 +208,8 @@ def bench_models(names: list[str], runs: int = 3, threads: int = 2, throughput_b
     out = {}
     for name in names:
         with ctx.Pool(1) as pool:
-            out[name] = pool.apply(_measure_model, (name, runs, threads, throughput_batch, concrete))
+            out[name] = pool.apply(_measure_model,
+                                   (name, runs, threads, throughput_batch, concrete, tuple(runtimes)))
     return out
 
 

@@ -536,15 +536,15 @@ def rank_device(device: torch.device | str) -> torch.device:
     return init_distributed(device.type).device
 
 
-def default_lanes(device: torch.device) -> int:
-    """Batches in the model at once: 2 on a CPU where torch runs 2 threads or more, else 1.
+def default_lanes(device: torch.device, runtime: str = "torch") -> int:
+    """Batches in the model at once: 2 for PyTorch on a CPU where it runs 2 threads or more, else 1.
 
     A small model's operators leave threads idle: on a 2-core CPU the engine with two batches of
     the default model at once, one torch thread each, wrote 1.3-1.6x as many pairs per second as
     with one batch on both threads, the main thread's decoding fitting in between
-    (docs/benchmarks.md). A GPU runs one batch at a time.
+    (docs/benchmarks.md). A GPU runs one batch at a time, and OpenVINO schedules its own threads.
     """
-    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+    return 2 if runtime == "torch" and device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
 def default_workers(device: torch.device) -> int:
@@ -610,7 +610,7 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
     if workers is None:
         workers = default_workers(model.device)
     if lanes is None:
-        lanes = default_lanes(model.device)
+        lanes = default_lanes(model.device, model.runtime)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

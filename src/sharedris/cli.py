@@ -21,7 +21,10 @@ from PIL import Image
 
 from sharedris.devices import DEVICE_HELP, resolve_device
 from sharedris.precision import PRECISIONS
+from sharedris.runtime import RUNTIMES
 
+RUNTIME_HELP = ("what runs the model: torch, or openvino (CPU, fp32/bf16; the faster bf16 path on CPUs with "
+                "AVX-512-BF16 but no AMX; needs the openvino extra)")
 PRECISION_HELP = ("numeric precision: auto = bf16 where the hardware runs it fast (CUDA GPUs with bf16, CPUs "
                   "with AMX or AVX-512-BF16), else fp32; int8 = dynamic int8 linear layers (CPU only)")
 
@@ -111,18 +114,22 @@ def _cmd_bench_model(args: argparse.Namespace) -> None:
     from sharedris.precision import resolve_precision
 
     precisions = concrete_precisions(args.precision)  # an unknown name fails here, before any model work
+    unknown = [r for r in args.runtime if r not in RUNTIMES]
+    if unknown or not args.runtime:
+        raise UserError(f"unknown runtime {','.join(unknown) or '(none)'}; choose from {', '.join(RUNTIMES)}")
     print(cpu_description())
     print(f"precisions: {', '.join(precisions)} (auto runs {resolve_precision('auto', 'cpu')} on this CPU); "
           f"{args.threads} threads, median of {args.runs} runs, throughput at batch {args.batch}", flush=True)
     rows = bench_models(args.models, runs=args.runs, threads=args.threads, throughput_batch=args.batch,
-                        precisions=precisions)
-    print(f"{'model':<16} {'params':>9} {'encoder':>9} {'GFLOPs':>8} {'precision':>9} {'latency':>9} {'x fp32':>7} "
+                        precisions=precisions, runtimes=args.runtime)
+    print(f"{'model':<16} {'params':>9} {'encoder':>9} {'GFLOPs':>8} {'precision':>13} {'latency':>9} {'x fp32':>7} "
           f"{'head':>6} {'img/s':>7} {'x fp32':>7} {'peak RSS':>9}")
     for name, r in rows.items():
         for precision, p in r["precisions"].items():
             ratios = [f"x{p[key]:.2f}" if key in p else "-" for key in ("latency_speedup", "throughput_speedup")]
+            head = "-" if p["head_share"] is None else f"{p['head_share'] * 100:5.1f}%"
             print(f"{name:<16} {r['params'] / 1e6:8.1f}M {r['encoder_params'] / 1e6:8.1f}M {r['gflops']:8.1f} "
-                  f"{precision:>9} {p['latency_s'] * 1000:7.0f}ms {ratios[0]:>7} {p['head_share'] * 100:5.1f}% "
+                  f"{precision:>13} {p['latency_s'] * 1000:7.0f}ms {ratios[0]:>7} {head:>6} "
                   f"{p['throughput']:7.2f} {ratios[1]:>7} {r['peak_rss_mb']:7.0f}MB")
     if args.train_steps:
         sps = bench_training(steps=args.train_steps, threads=args.threads)
@@ -169,10 +176,11 @@ def _load_model(name: str, device: str):
     return load_pretrained(name, device=device)
 
 
-def _log_precision(asked: str, chosen: str, device) -> None:
-    """One line on stderr saying which precision runs (``auto`` resolves per machine)."""
-    how = f"auto -> {chosen}" if asked == "auto" else chosen
-    print(f"precision: {how} on {device}", file=sys.stderr)
+def _log_precision(asked: str, predictor, device) -> None:
+    """One line on stderr saying which precision runs (``auto`` resolves per machine), and where."""
+    how = f"auto -> {predictor.precision}" if asked == "auto" else predictor.precision
+    runtime = "" if predictor.runtime == "torch" else f" (runtime {predictor.runtime})"
+    print(f"precision: {how}{runtime} on {device}", file=sys.stderr)
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -207,8 +215,8 @@ def _predict_one(args: argparse.Namespace, image_path: str, device: torch.device
     image = load_image(image_path)
     out = _out_dir(args.out_dir)
     predictor = Predictor(_load_model(args.model, device), device=device, precision=args.precision,
-                          presence_threshold=args.presence_threshold)
-    _log_precision(args.precision, predictor.precision, device)
+                          presence_threshold=args.presence_threshold, runtime=args.runtime)
+    _log_precision(args.precision, predictor, device)
     pred = predictor.predict(image, args.text)
     warning = unknown_words_line(args.model, predictor.description, pred.unknown_words)
     if warning:
@@ -248,9 +256,9 @@ def _predict_bulk(args: argparse.Namespace, device: torch.device) -> None:
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         predictor = Predictor(_load_model(args.model, "cpu"), device=device, precision=args.precision,
-                              presence_threshold=args.presence_threshold)
+                              presence_threshold=args.presence_threshold, runtime=args.runtime)
         if main_rank:
-            _log_precision(args.precision, predictor.precision, device)
+            _log_precision(args.precision, predictor, device)
         summary = predict_manifest(predictor, manifest, out, batch_size=args.batch_size, workers=args.workers,
                                    lanes=args.lanes, save_png=args.save_png)
     finally:
@@ -287,12 +295,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     rows, report = {}, {}
     for split in args.split:
         source = build_source(data, split, train=False)
-        res = evaluate(model, source, device=device, precision=args.precision, batch_size=args.batch_size,
-                       protocol=args.protocol, num_workers=args.workers)
+        res = evaluate(model, source, device=device, precision=args.precision, runtime=args.runtime,
+                       batch_size=args.batch_size, protocol=args.protocol, num_workers=args.workers)
         report[split] = res
         rows[split] = res["overall"]
         rows.update({f"{split}/{g}": m for g, m in res["groups"].items()})
-    print(f"model {args.model}, dataset {args.dataset}, protocol {args.protocol}, precision {res['precision']}")
+    runtime = "" if res["runtime"] == "torch" else f" (runtime {res['runtime']})"
+    print(f"model {args.model}, dataset {args.dataset}, protocol {args.protocol}, precision {res['precision']}{runtime}")
     print(format_table(rows))
     if args.out:
         Path(args.out).write_text(json.dumps(report if len(report) > 1 else next(iter(report.values())), indent=2))
@@ -311,7 +320,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                     max_texts=args.max_texts, max_text_chars=args.max_text_chars)
     _check_port(args.host, args.port)
     app = create_app(args.model, limits=limits, device=device, precision=args.precision,
-                     presence_threshold=args.presence_threshold)
+                     presence_threshold=args.presence_threshold, runtime=args.runtime)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
@@ -402,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--precision", type=lambda s: [x for x in s.split(",") if x], default="fp32",
                     help="comma-separated precisions (fp32, bf16, int8, auto), timed alternately in one process; "
                          "ratios are against fp32 when it is listed")
+    bm.add_argument("--runtime", type=lambda s: [x for x in s.split(",") if x], default="torch",
+                    help="comma-separated runtimes (torch, openvino); openvino times fp32 and bf16 of the listed "
+                         "precisions")
     bm.add_argument("--train-steps", type=int, default=10, help="steps of the tiny training measurement (0 = skip)")
     bm.add_argument("--json", action="store_true", help="also print the rows as JSON")
     bm.set_defaults(func=_cmd_bench_model)
@@ -434,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", default="default", help="'default' or a checkpoint folder")
     pr.add_argument("--device", default="cpu", help=DEVICE_HELP + " (under torchrun each rank takes cuda:LOCAL_RANK)")
     pr.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    pr.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
     pr.add_argument("--batch-size", type=int, default=16,
                     help="bulk: (image, expression) pairs per forward pass, from several images")
     pr.add_argument("--workers", type=int, default=None,
@@ -441,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "does not use, so none on a CPU machine whose cores all run torch threads)")
     pr.add_argument("--lanes", type=int, default=None,
                     help="bulk: batches in the model at once, sharing torch's threads (default: 2 on a CPU with "
-                         "2 or more torch threads, 1 on a GPU)")
+                         "2 or more torch threads, 1 on a GPU or with --runtime openvino)")
     pr.add_argument("--save-png", action="store_true", help="bulk: also write mask and overlay PNGs per pair")
     pr.add_argument("--presence-threshold", type=_probability, default=0.5, help=PRESENCE_HELP)
     pr.add_argument("--json", action="store_true", help="print results (COCO RLE masks, scores, presence) as JSON; "
@@ -472,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help=DEVICE_HELP)
     ev.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help=PRECISION_HELP + "; fp32 by default so that scores are reproducible everywhere")
+    ev.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
     ev.add_argument("--out", default=None, help="write the metrics as JSON here")
     ev.set_defaults(func=_cmd_eval)
 
@@ -496,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", default="default", help="'default' or a checkpoint folder")
     sv.add_argument("--device", default="cpu", help=DEVICE_HELP)
     sv.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    sv.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
     sv.add_argument("--presence-threshold", type=_probability, default=0.5, help=PRESENCE_HELP)
     sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file accepted")
     sv.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, width x height")

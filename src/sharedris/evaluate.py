@@ -34,6 +34,7 @@ def evaluate(
     *,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    runtime: str = "torch",
     batch_size: int = 16,
     num_workers: int = 0,
     protocol: str = "original",
@@ -49,7 +50,7 @@ def evaluate(
     Args:
         model: a Shared-RIS model; its ``config`` gives the preprocessing.
         tokenizer: default: the model's own (see :class:`~sharedris.predictor.Predictor`).
-        precision: as for :class:`~sharedris.predictor.Predictor`.
+        precision, runtime: as for :class:`~sharedris.predictor.Predictor`.
         protocol: ``"original"`` scores at each image's original size (logits resized
             bilinearly); ``"resized"`` scores prediction and ground truth at
             ``resized_size`` x ``resized_size`` (LAVT's protocol).
@@ -58,7 +59,7 @@ def evaluate(
             pass the same list.
     Returns:
         ``{"overall": metrics, "groups": {name: metrics}, "num_samples": n, "protocol": ...,
-        "precision": ..., "presence_threshold": ...}``. Each metrics dict holds the keys of
+        "precision": ..., "runtime": ..., "presence_threshold": ...}``. Each metrics dict holds the keys of
         :func:`sharedris.metrics.compute_ris_metrics` over the expressions that refer to something
         (None when there are none) and ``cIoU``, ``gIoU``, ``N-acc``, ``T-acc`` of
         :func:`sharedris.metrics.compute_gres_metrics` over all of them, "no target" being the
@@ -68,7 +69,7 @@ def evaluate(
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     rank, world = _rank_world()
     was_training = model.training
-    predictor = Predictor(model, tokenizer, device=device, precision=precision)
+    predictor = Predictor(model, tokenizer, device=device, precision=precision, runtime=runtime)
     cfg = predictor.config
     groups = getattr(source, "groups", ()) if groups is None else groups
     samples = RISSamples(source, cfg.image_size, cfg.mean, cfg.std, keep_original_mask=True)
@@ -105,6 +106,7 @@ def evaluate(
         "num_samples": overall[1].count,
         "protocol": protocol if protocol == "original" else f"resized{resized_size}",
         "precision": predictor.precision,
+        "runtime": predictor.runtime,
         "presence_threshold": predictor.presence_threshold,
     }
 

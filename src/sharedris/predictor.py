@@ -28,6 +28,7 @@ from sharedris.modeling.config import ModelConfig
 from sharedris.modeling.pretrained import resolve_tokenizer
 from sharedris.modeling.segmenter import SegmenterOutput
 from sharedris.precision import autocast_context, prepare_model, resolve_precision
+from sharedris.runtime import OpenVINOModel, check_runtime
 from sharedris.text import Tokenizer, validate_texts
 
 
@@ -94,11 +95,13 @@ class Predictor:
         precision: ``fp32``, ``bf16``, ``int8`` or ``auto`` (see :mod:`sharedris.precision`).
         presence_threshold: an expression whose presence probability is below this matches
             nothing: its mask is empty.
+        runtime: ``torch``, or ``openvino`` (CPU, fp32 or bf16; the faster bf16 path on CPUs with
+            AVX-512-BF16 but no AMX; see :mod:`sharedris.runtime`).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | str | Path | None = None,
                  device: torch.device | str = "cpu", precision: str = "fp32",
-                 presence_threshold: float = 0.5) -> None:
+                 presence_threshold: float = 0.5, runtime: str = "torch") -> None:
         config = getattr(model, "config", None)
         if not isinstance(config, ModelConfig):
             raise ValueError("Predictor needs a Shared-RIS model (from sharedris.build_model or "
@@ -115,7 +118,12 @@ class Predictor:
                                   max_len=config.text_len)
         self.tokenizer = tokenizer
         self.precision = resolve_precision(precision, self.device)  # the concrete one: fp32, bf16 or int8
-        self.model, self.amp_dtype = prepare_model(model.to(self.device).eval(), self.precision, self.device)
+        check_runtime(runtime, self.precision, self.device)
+        self.runtime = runtime
+        if runtime == "openvino":
+            self.model, self.amp_dtype = OpenVINOModel(model, self.precision), None
+        else:
+            self.model, self.amp_dtype = prepare_model(model.to(self.device).eval(), self.precision, self.device)
         self.preprocess_image = ImagePreprocessor.from_config(config)
 
     def prepare_texts(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:

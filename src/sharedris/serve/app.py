@@ -193,7 +193,8 @@ def describe_model(model_dir: str | Path, image_size: int, trained_on: str | Non
 
 
 def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
-               device: str = "cpu", precision: str = "fp32", presence_threshold: float = 0.5) -> FastAPI:
+               device: str = "cpu", precision: str = "fp32", presence_threshold: float = 0.5,
+               runtime: str = "torch") -> FastAPI:
     """The service for the model in ``model_dir`` (a checkpoint folder, or ``"default"``).
 
     The model is loaded here, once; a bad folder raises :class:`PretrainedError` before any
@@ -204,8 +205,9 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
 
     limits = limits or Limits()
     predictor = Predictor(load_pretrained(model_dir, device=device), device=device, precision=precision,
-                          presence_threshold=presence_threshold)
-    logging.getLogger("uvicorn.error").info("sharedris: precision %s on %s", predictor.precision, device)
+                          presence_threshold=presence_threshold, runtime=runtime)
+    logging.getLogger("uvicorn.error").info("sharedris: precision %s (runtime %s) on %s", predictor.precision,
+                                            predictor.runtime, device)
     model_lock = threading.Lock()
     page, example = _static("index.html").decode("utf-8"), _static(EXAMPLE_IMAGE)
     about = describe_model(model_dir, predictor.config.image_size, predictor.description, predictor.vocabulary)
@@ -266,7 +268,7 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
         """Liveness, and which model answers."""
         cfg = predictor.config
         return {"status": "ok", "model": str(model_dir), "image_size": cfg.image_size,
-                "text_len": cfg.text_len, "precision": predictor.precision,
+                "text_len": cfg.text_len, "precision": predictor.precision, "runtime": predictor.runtime,
                 "presence_threshold": predictor.presence_threshold,
                 "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
                            "max_texts": limits.max_texts, "max_text_chars": limits.max_text_chars}}

@@ -1,0 +1,95 @@
+"""Where a :class:`~sharedris.predictor.Predictor` runs its model: PyTorch, or OpenVINO on a CPU.
+
+``torch`` (the default) runs the model as it is, at the precision that
+:func:`sharedris.precision.prepare_model` sets up. ``openvino`` converts the model with
+``openvino.convert_model`` (traced on an example batch; batch size and text length stay dynamic)
+and compiles it with OpenVINO's CPU plugin at fp32 or bf16 (its ``INFERENCE_PRECISION_HINT``).
+OpenVINO fuses attention into one kernel that runs in bf16 on CPUs with AVX-512-BF16 or AMX,
+where PyTorch's CPU attention kernel does not gain from bf16, so there it is the faster bf16 path
+(docs/benchmarks.md). It needs the ``openvino`` extra (``pip install 'sharedris[openvino]'``);
+converting and compiling take seconds (9 s for the default model on a 2-core CPU) when the
+predictor is built.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sharedris.modeling.segmenter import SegmenterOutput
+
+RUNTIMES = ("torch", "openvino")
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> OpenVINO's inference precision hint
+
+
+class RuntimeChoiceError(ValueError):
+    """A runtime that cannot run here, or with that precision; the message says why."""
+
+
+def check_runtime(runtime: str, precision: str, device: torch.device) -> None:
+    """Refuse, with one sentence, a runtime this machine or this precision cannot use.
+
+    Args:
+        runtime: one of :data:`RUNTIMES`.
+        precision: the concrete precision (``fp32``, ``bf16`` or ``int8``).
+        device: where the predictor runs.
+    """
+    if runtime not in RUNTIMES:
+        raise RuntimeChoiceError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        if device.type != "cpu":
+            raise RuntimeChoiceError(f"runtime openvino runs on the CPU only, not on {device}; use runtime torch there")
+        if precision not in OPENVINO_PRECISIONS:
+            raise RuntimeChoiceError(f"runtime openvino runs fp32 or bf16, not {precision}; use runtime torch for int8")
+
+
+class OpenVINOModel(nn.Module):
+    """A Shared-RIS model compiled by OpenVINO, called like the model: (image, ids, pad) -> output.
+
+    Args:
+        model: the Shared-RIS model (it is exported as it is; the original is not kept).
+        precision: ``fp32`` or ``bf16``.
+        threads: OpenVINO's inference threads; None = torch's thread count.
+    """
+
+    def __init__(self, model: nn.Module, precision: str, threads: int | None = None) -> None:
+        super().__init__()
+        try:
+            import openvino
+        except ImportError:
+            raise ImportError("runtime openvino needs the openvino package: pip install 'sharedris[openvino]'") from None
+        cfg = model.config
+        self.config = cfg
+        # an example batch of 2 with padding in one row only, so neither is baked into the graph
+        S, L = cfg.image_size, cfg.text_len
+        pad = torch.zeros(2, L, dtype=torch.bool)
+        pad[1, L // 2:] = True
+        example = (torch.zeros(2, 3, S, S), torch.full((2, L), 5, dtype=torch.long), pad)
+        inputs = [("image", [-1, 3, S, S], openvino.Type.f32), ("text_ids", [-1, -1], openvino.Type.i64),
+                  ("text_padding_mask", [-1, -1], openvino.Type.boolean)]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on shape checks it records as constants
+            converted = openvino.convert_model(model.cpu().eval(), example_input=example, input=inputs)
+        self.compiled = openvino.Core().compile_model(converted, "CPU", {
+            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()})
+        self._requests = threading.local()
+        # the outputs are the fields of SegmenterOutput that the model has, in order
+        self.fields = ["mask_logits"] + [name for name, flag in (("presence_logits", cfg.decoder.presence_head),
+                                                                 ("iou_pred", cfg.decoder.iou_head)) if flag]
+
+    def forward(self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> SegmenterOutput:
+        """The model's output for a batch; tensors on the CPU, float32."""
+        if text_padding_mask is None:
+            text_padding_mask = torch.zeros_like(text_ids, dtype=torch.bool)
+        request = getattr(self._requests, "request", None)
+        if request is None:  # one inference request per calling thread: a request serves one call at a time
+            request = self._requests.request = self.compiled.create_infer_request()
+        result = request.infer({"image": image.float().numpy(), "text_ids": text_ids.numpy(),
+                                "text_padding_mask": text_padding_mask.numpy()})
+        named = {name: torch.from_numpy(np.array(result[i], dtype=np.float32)) for i, name in enumerate(self.fields)}
+        return SegmenterOutput(*(named.get(field) for field in SegmenterOutput._fields))
