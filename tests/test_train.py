@@ -348,6 +348,10 @@ def test_a_head_only_stage_trains_the_head_alone_from_a_fresh_start(run_a, tmp_p
     assert torch.equal(skip["decoder.mask_mlp.0.weight"], start["decoder.mask_mlp.0.weight"])
     with pytest.raises(ValueError, match="train_only=.*names no parameter"):
         train(replace(cfg, train_only=("decoder.nothing",), out_dir=str(tmp_path / "l")), device="cpu")
+    with pytest.raises(ValueError, match="init_skip=.*names no parameter"):
+        train(replace(cfg, init_skip=("decoder.nothing",), out_dir=str(tmp_path / "l")), device="cpu")
+    with pytest.raises(ValueError, match="init_from is not set"):
+        train(replace(cfg, init_from=None, out_dir=str(tmp_path / "l")), device="cpu")
 
 
 def test_init_from_takes_weights_that_fit_whatever_the_weightless_settings(run_a, tmp_path):

@@ -93,10 +93,13 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     except PretrainedError as e:
         raise ValueError(f"init_from={cfg.init_from!r}: {e}") from None
     own = model.state_dict()
+    skip = tuple(cfg.init_skip)
+    if skip and not any(k.startswith(skip) for k in own):
+        raise ValueError(f"init_skip={list(skip)} names no parameter of the model (e.g. decoder.iou_mlp)")
     if {k: v.shape for k, v in start.items()} != {k: v.shape for k, v in own.items()}:
         raise ValueError(f"init_from={cfg.init_from!r} holds another architecture than model={cfg.model} with its "
                          "model_overrides; start from a folder of the same model")
-    model.load_state_dict({k: own[k] if k.startswith(tuple(cfg.init_skip)) else v for k, v in start.items()})
+    model.load_state_dict({k: own[k] if k.startswith(skip) else v for k, v in start.items()})
 
 
 def _select_trainable(model: torch.nn.Module, prefixes: tuple[str, ...]) -> None:
@@ -139,6 +142,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
         raise ValueError(f"select_on={cfg.select_on!r}: choose oIoU, mIoU, gIoU or cIoU")
     if cfg.init_from is not None and cfg.encoder_weights is not None:
         raise ValueError("init_from and encoder_weights both initialise the encoder; set only one of them")
+    if cfg.init_skip and cfg.init_from is None:
+        raise ValueError("init_skip names weights not to take from init_from, but init_from is not set")
     amp_dtype = training_amp_dtype(cfg.amp, info.device)
 
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
