@@ -4,11 +4,11 @@
 :func:`sharedris.precision.prepare_model` sets up. ``openvino`` converts the model with
 ``openvino.convert_model`` (traced on an example batch; batch size and text length stay dynamic)
 and compiles it with OpenVINO's CPU plugin at fp32 or bf16 (its ``INFERENCE_PRECISION_HINT``).
-OpenVINO fuses attention into one kernel that runs in bf16 on CPUs with AVX-512-BF16 or AMX,
-where PyTorch's CPU attention kernel does not gain from bf16, so there it is the faster bf16 path
-(docs/benchmarks.md). It needs the ``openvino`` extra (``pip install 'sharedris[openvino]'``);
-converting and compiling take seconds (9 s for the default model on a 2-core CPU) when the
-predictor is built.
+On a CPU with AVX-512-BF16 but no AMX, PyTorch's CPU attention kernel gains nothing from bf16
+and its bf16 pass stays near 2x fp32; OpenVINO's bf16 ran 3.15x PyTorch fp32 there
+(``sharedris_base``, docs/benchmarks.md). It needs the ``openvino`` extra (``pip install 'sharedris[openvino]'``);
+converting and compiling take seconds when the predictor is built (on a 2-core CPU: 7-9 s for
+the default model, 28 s for ``sharedris_base``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class OpenVINOModel(nn.Module):
     """A Shared-RIS model compiled by OpenVINO, called like the model: (image, ids, pad) -> output.
 
     Args:
-        model: the Shared-RIS model (it is exported as it is; the original is not kept).
+        model: the Shared-RIS model, converted as it is (moved to the CPU, in eval mode).
         precision: ``fp32`` or ``bf16``.
         threads: OpenVINO's inference threads; None = torch's thread count.
     """
