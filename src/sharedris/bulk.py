@@ -562,8 +562,8 @@ def default_workers(device: torch.device) -> int:
 
     On a GPU the model leaves the CPU cores free. On a CPU torch runs its own threads
     (``torch.get_num_threads()``) on the cores; a worker on a core they use slows the model's
-    threads more than its decoding saves: on a 2-core machine with 2 torch threads, 2 workers made
-    the engine 10% slower than decoding in the main process (docs/benchmarks.md).
+    threads more than its decoding saves: on a 2-core machine with 2 torch threads, the engine with
+    2 workers wrote fewer pairs per second than decoding in the main process (docs/benchmarks.md).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     spare = cores - 1 if device.type == "cuda" else cores - torch.get_num_threads()
