@@ -435,7 +435,8 @@ class _Run:
         loader = DataLoader(_Images([g[0].row.path for g in groups], self.predictor.preprocess_image),
                             batch_size=None, num_workers=workers, collate_fn=_as_is)
         if self.lanes == 1:
-            return self._run(groups, loader, None)
+            self._run(groups, loader, None)
+            return
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // self.lanes))  # the lanes share the model's threads
         try:
@@ -479,6 +480,7 @@ class _Run:
             self._collect()
 
     def _collect(self) -> None:
+        """Wait for the oldest batch in the model, file its outputs, write every job now complete."""
         pairs, future = self.running.popleft()
         output = future.result()
         start = 0
