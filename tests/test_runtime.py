@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _tiny_model import save_tiny_model, scene
+from _tiny_model import encode, save_tiny_model, scene
 
 from sharedris import Predictor, load_pretrained
 from sharedris.runtime import OpenVINOModel, RuntimeChoiceError, check_runtime
@@ -99,3 +99,23 @@ def test_eval_and_predict_say_which_runtime_ran(model_dir, tmp_path):
                           "--precision", "int8"], capture_output=True, text=True)
     assert run.returncode == 2 and "runtime openvino runs fp32 or bf16, not int8" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_the_service_runs_on_openvino_as_on_torch(model_dir):
+    from fastapi.testclient import TestClient
+
+    from sharedris.serve.app import create_app
+
+    image = encode(scene(40, 30, seed=5))
+    answers = {}
+    for runtime in ("torch", "openvino"):
+        with TestClient(create_app(model_dir, precision="fp32", runtime=runtime)) as client:
+            assert client.get("/healthz").json()["runtime"] == runtime
+            r = client.post("/v1/segment", files={"image": ("a.png", image, "image/png")},
+                            data={"text": ["the red box", "the left one"]})
+            assert r.status_code == 200, r.text
+            answers[runtime] = r.json()["results"]
+    for a, b in zip(answers["torch"], answers["openvino"]):
+        assert a["present"] == pytest.approx(b["present"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-3)
+    with pytest.raises(RuntimeChoiceError, match="not int8"):
+        create_app(model_dir, precision="int8", runtime="openvino")
