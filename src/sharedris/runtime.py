@@ -91,5 +91,6 @@ class OpenVINOModel(nn.Module):
             request = self._requests.request = self.compiled.create_infer_request()
         result = request.infer({"image": image.float().numpy(), "text_ids": text_ids.numpy(),
                                 "text_padding_mask": text_padding_mask.numpy()})
+        # copies: the request's output buffers are overwritten by this thread's next call
         named = {name: torch.from_numpy(np.array(result[i], dtype=np.float32)) for i, name in enumerate(self.fields)}
         return SegmenterOutput(*(named.get(field) for field in SegmenterOutput._fields))

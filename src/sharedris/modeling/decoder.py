@@ -140,9 +140,9 @@ def soft_iou(logits: Tensor) -> Tensor:
     """
     logits = logits.float().flatten(1)
     p = torch.sigmoid(logits)
-    inside = logits > 0
-    inter = torch.where(inside, p, torch.zeros_like(p)).sum(dim=1)
-    union = inside.sum(dim=1).float() + torch.where(inside, torch.zeros_like(p), p).sum(dim=1)
+    inside = (logits > 0).float()
+    inter = (p * inside).sum(dim=1)
+    union = inside.sum(dim=1) + (p * (1 - inside)).sum(dim=1)
     return torch.where(union > 0, inter / union.clamp(min=1e-6), torch.ones_like(union))
 
 

@@ -90,7 +90,7 @@ def _upgrade_v1(model: dict) -> dict:
     width = model["decoder"].pop("width", None)
     if width is not None and width != model.get("fpn", {}).get("width", width):
         raise ValueError(f"decoder.width {width} differs from fpn.width {model['fpn']['width']}")
-    return _upgrade_v2(model)
+    return model
 
 
 def _upgrade_v2(model: dict) -> dict:
@@ -124,9 +124,11 @@ def load_pretrained(path: str | Path = "default", device: torch.device | str = "
         raise PretrainedError(f"{folder} was written by a newer sharedris (format "
                               f"{meta['format_version']}); upgrade sharedris")
     try:
-        version = meta.get("format_version", 0)
-        model_dict = meta["model"] if version >= 3 else _upgrade_v2(meta["model"]) if version == 2 \
-            else _upgrade_v1(meta["model"])
+        version, model_dict = meta.get("format_version", 0), meta["model"]
+        if version < 2:
+            model_dict = _upgrade_v1(model_dict)
+        if version < 3:
+            model_dict = _upgrade_v2(model_dict)
         cfg = ModelConfig.from_dict(model_dict)
     except (KeyError, TypeError, ValueError) as e:
         raise PretrainedError(f"{folder / CONFIG_FILE} has an invalid model config ({e})") from None

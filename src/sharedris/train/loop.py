@@ -8,7 +8,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import yaml
@@ -93,22 +93,26 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     except PretrainedError as e:
         raise ValueError(f"init_from={cfg.init_from!r}: {e}") from None
     own = model.state_dict()
-    skip = tuple(cfg.init_skip)
-    if skip and not any(k.startswith(skip) for k in own):
-        raise ValueError(f"init_skip={list(skip)} names no parameter of the model (e.g. decoder.iou_mlp)")
+    skip = _prefixes(model, "init_skip", cfg.init_skip)
     if {k: v.shape for k, v in start.items()} != {k: v.shape for k, v in own.items()}:
         raise ValueError(f"init_from={cfg.init_from!r} holds another architecture than model={cfg.model} with its "
                          "model_overrides; start from a folder of the same model")
     model.load_state_dict({k: own[k] if k.startswith(skip) else v for k, v in start.items()})
 
 
-def _select_trainable(model: torch.nn.Module, prefixes: tuple[str, ...]) -> None:
+def _prefixes(model: torch.nn.Module, key: str, prefixes: Sequence[str]) -> tuple[str, ...]:
+    """``prefixes`` (the config's ``key``) as a tuple, refused when they name no parameter of ``model``."""
+    prefixes = tuple(prefixes)
+    if prefixes and not any(name.startswith(prefixes) for name, _ in model.named_parameters()):
+        raise ValueError(f"{key}={list(prefixes)} names no parameter of the model (e.g. decoder.iou_mlp)")
+    return prefixes
+
+
+def _select_trainable(model: torch.nn.Module, prefixes: Sequence[str]) -> None:
     """Freeze every parameter whose name starts with none of ``prefixes`` (nothing when empty)."""
+    prefixes = _prefixes(model, "train_only", prefixes)
     if not prefixes:
         return
-    chosen = [name for name, _ in model.named_parameters() if name.startswith(prefixes)]
-    if not chosen:
-        raise ValueError(f"train_only={list(prefixes)} names no parameter of the model (e.g. decoder.iou_mlp)")
     for name, p in model.named_parameters():
         if not name.startswith(prefixes):
             p.requires_grad_(False)
@@ -154,7 +158,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
     resuming = resume and (out / RESUME_FILE).is_file()
     if cfg.init_from is not None and not resuming:  # a resumed run takes its weights from the resume file
         _init_from(model, cfg)
-    _select_trainable(model, tuple(cfg.train_only))
+    _select_trainable(model, cfg.train_only)
     model.to(info.device)
     model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     tokenizer_file = resolve_tokenizer(mcfg, cfg.tokenizer)
