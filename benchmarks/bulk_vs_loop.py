@@ -7,9 +7,10 @@ pairs, side by side, at the same precision.
 
 Generated synthetic scenes are written as PNG files (so that decoding costs what it costs on real
 data), every image gets the same expressions (the first ``--texts`` of ``TEXTS``), and both ways
-produce the same output: COCO RLE masks as JSON lines. The two take turns on rounds of images
-(each bulk round starts its own workers), so both see the same load. Prints pairs per second both
-ways and the ratio.
+produce the same output: COCO RLE masks as JSON lines. Each way takes all the pairs at once, as a
+user would (one `predict_manifest` call: its workers start once, its lanes fill once), and the two
+take turns in the order loop, bulk, bulk, loop, ... for ``--repeats`` turns each, so both see the
+same load on a shared machine. Prints pairs per second both ways (all turns together) and the ratio.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, default=None,
                         help="bulk: batches in the model at once (default: as predict_manifest picks)")
     parser.add_argument("--precision", default="auto", help="both ways (auto: as `sharedris predict` picks)")
-    parser.add_argument("--rounds", type=int, default=5, help="turns each way (the images split into this many rounds)")
+    parser.add_argument("--repeats", type=int, default=2, help="turns each way, each over all the pairs")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -66,27 +67,25 @@ def main() -> None:
         pairs = len(paths) * len(texts)
 
         predictor.predict(paths[0], texts)  # warm-up
-        # the two ways take turns on rounds of images, so that both see the same load on a shared machine
+        # loop, bulk, bulk, loop, ...: both ways see the same drift in load on a shared machine
         seconds = {"loop": 0.0, "bulk": 0.0}
-        step = -(-len(paths) // args.rounds)
-        with open(root / "loop.jsonl", "w") as f:
-            for r, first in enumerate(range(0, len(paths), step)):
-                chunk = paths[first:first + step]
-                for way in (("loop", "bulk") if r % 2 == 0 else ("bulk", "loop")):
-                    start = time.perf_counter()
-                    if way == "loop":
-                        for path in chunk:
-                            pred = predictor.predict(path, texts)
-                            for k, (mask, score) in enumerate(zip(pred.masks, pred.scores)):
-                                f.write(json.dumps({"id": str(path), "text_index": k, "score": round(float(score), 4),
-                                                    "rle": encode_rle(mask)}) + "\n")
-                    else:
-                        summary = predict_manifest(predictor, [{"image": str(p), "texts": texts} for p in chunk],
-                                                   root / f"bulk{r}", batch_size=args.batch_size, workers=workers,
-                                                   lanes=lanes, show_progress=False)
-                        assert summary.written == len(chunk) * len(texts)
-                    seconds[way] += time.perf_counter() - start
-        loop, bulk = pairs / seconds["loop"], pairs / seconds["bulk"]
+        order = [way for r in range(args.repeats) for way in (("loop", "bulk") if r % 2 == 0 else ("bulk", "loop"))]
+        for turn, way in enumerate(order):
+            start = time.perf_counter()
+            if way == "loop":
+                with open(root / f"loop{turn}.jsonl", "w") as f:
+                    for path in paths:
+                        pred = predictor.predict(path, texts)
+                        for k, (mask, score) in enumerate(zip(pred.masks, pred.scores)):
+                            f.write(json.dumps({"id": str(path), "text_index": k, "score": round(float(score), 4),
+                                                "rle": encode_rle(mask)}) + "\n")
+            else:
+                summary = predict_manifest(predictor, [{"image": str(p), "texts": texts} for p in paths],
+                                           root / f"bulk{turn}", batch_size=args.batch_size, workers=workers,
+                                           lanes=lanes, show_progress=False)
+                assert summary.written == pairs
+            seconds[way] += time.perf_counter() - start
+        loop, bulk = (pairs * args.repeats / seconds[way] for way in ("loop", "bulk"))
 
     print(f"model {args.model}, {args.images} images of {width}x{height} PNG x {len(texts)} expressions = "
           f"{pairs} pairs, {args.threads} torch threads, precision {predictor.precision}")
