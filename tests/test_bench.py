@@ -58,4 +58,8 @@ def test_bench_model_bad_runtime_is_one_sentence(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "model", "--models", "sharedris_tiny", "--runtime", "onnx"])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1 and "choose from torch, openvino" in err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "unknown runtime 'onnx'; choose one of torch, openvino" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "model", "--models", "sharedris_tiny", "--runtime", ","])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "no runtime given" in err

@@ -21,7 +21,7 @@ from PIL import Image
 
 from sharedris.devices import DEVICE_HELP, resolve_device
 from sharedris.precision import PRECISIONS
-from sharedris.runtime import RUNTIMES
+from sharedris.runtime import RUNTIMES, check_runtime_name
 
 RUNTIME_HELP = ("what runs the model: torch, or openvino (CPU, fp32/bf16; the faster bf16 path on CPUs with "
                 "AVX-512-BF16 but no AMX; needs the openvino extra)")
@@ -114,9 +114,10 @@ def _cmd_bench_model(args: argparse.Namespace) -> None:
     from sharedris.precision import resolve_precision
 
     precisions = concrete_precisions(args.precision)  # an unknown name fails here, before any model work
-    unknown = [r for r in args.runtime if r not in RUNTIMES]
-    if unknown or not args.runtime:
-        raise UserError(f"unknown runtime {','.join(unknown) or '(none)'}; choose from {', '.join(RUNTIMES)}")
+    if not args.runtime:
+        raise UserError(f"no runtime given; list one or more of {', '.join(RUNTIMES)}")
+    for runtime in args.runtime:
+        check_runtime_name(runtime)
     print(cpu_description())
     print(f"precisions: {', '.join(precisions)} (auto runs {resolve_precision('auto', 'cpu')} on this CPU); "
           f"{args.threads} threads, median of {args.runs} runs, throughput at batch {args.batch}", flush=True)

@@ -30,6 +30,12 @@ class RuntimeChoiceError(ValueError):
     """A runtime that cannot run here, or with that precision; the message says why."""
 
 
+def check_runtime_name(runtime: str) -> None:
+    """Refuse, with one sentence, a runtime that is not one of :data:`RUNTIMES`."""
+    if runtime not in RUNTIMES:
+        raise RuntimeChoiceError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+
+
 def check_runtime(runtime: str, precision: str, device: torch.device) -> None:
     """Refuse, with one sentence, a runtime this machine or this precision cannot use.
 
@@ -38,8 +44,7 @@ def check_runtime(runtime: str, precision: str, device: torch.device) -> None:
         precision: the concrete precision (``fp32``, ``bf16`` or ``int8``).
         device: where the predictor runs.
     """
-    if runtime not in RUNTIMES:
-        raise RuntimeChoiceError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    check_runtime_name(runtime)
     if runtime == "openvino":
         if device.type != "cpu":
             raise RuntimeChoiceError(f"runtime openvino runs on the CPU only, not on {device}; use runtime torch there")
