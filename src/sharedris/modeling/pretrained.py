@@ -1,7 +1,7 @@
 """Self-describing checkpoints: a folder with ``config.json``, ``model.safetensors`` and the tokenizer.
 
-``load_pretrained`` rebuilds a model from that folder alone; ``"default"`` names the tiny model
-that ships inside the package.
+``load_pretrained`` rebuilds a model from that folder alone (``read_checkpoint`` reads its config
+and weights without building one); ``"default"`` names the tiny model that ships inside the package.
 """
 
 from __future__ import annotations
@@ -98,11 +98,14 @@ def _upgrade_v2(model: dict) -> dict:
     return {**model, "decoder": {"iou_from_mask": False, **model.get("decoder", {})}}
 
 
-def load_pretrained(path: str | Path = "default", device: torch.device | str = "cpu") -> SharedRIS:
-    """Rebuild a model from a checkpoint folder (or ``"default"``), in eval mode.
+def read_checkpoint(path: str | Path = "default") -> tuple[Path, ModelConfig, dict[str, torch.Tensor]]:
+    """The folder, model config and weights of a checkpoint folder (or ``"default"``), without building the model.
 
-    The returned model carries ``config`` (its :class:`ModelConfig`) and ``tokenizer_file`` (the
-    folder's tokenizer).
+    Older formats' configs are upgraded. Whether the weights fit the config is left to the caller
+    (:func:`load_pretrained` checks it against the model it builds).
+
+    Raises:
+        PretrainedError: no such folder, or a folder without a readable sharedris config and weights.
     """
     folder = assets_dir() / "default" if str(path) == "default" else Path(path)
     if not folder.exists() and str(path) in MODELS:
@@ -132,7 +135,16 @@ def load_pretrained(path: str | Path = "default", device: torch.device | str = "
         cfg = ModelConfig.from_dict(model_dict)
     except (KeyError, TypeError, ValueError) as e:
         raise PretrainedError(f"{folder / CONFIG_FILE} has an invalid model config ({e})") from None
-    state = _read_weights(folder / WEIGHTS_FILE)
+    return folder, cfg, _read_weights(folder / WEIGHTS_FILE)
+
+
+def load_pretrained(path: str | Path = "default", device: torch.device | str = "cpu") -> SharedRIS:
+    """Rebuild a model from a checkpoint folder (or ``"default"``), in eval mode.
+
+    The returned model carries ``config`` (its :class:`ModelConfig`) and ``tokenizer_file`` (the
+    folder's tokenizer).
+    """
+    folder, cfg, state = read_checkpoint(path)
     model = build_model(cfg)
     expected = model.state_dict()
     mismatched = sorted(k for k in expected if k not in state or state[k].shape != expected[k].shape)

@@ -21,7 +21,7 @@ from sharedris.data.datasets import RISSamples, collate
 from sharedris.data.registry import build_source
 from sharedris.evaluate import evaluate
 from sharedris.losses import referring_loss
-from sharedris.modeling.pretrained import PretrainedError, load_pretrained, resolve_tokenizer, save_pretrained
+from sharedris.modeling.pretrained import PretrainedError, read_checkpoint, resolve_tokenizer, save_pretrained
 from sharedris.modeling.registry import build_model, model_config
 from sharedris.precision import autocast_context, training_amp_dtype
 from sharedris.progress import progress, write
@@ -89,7 +89,7 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     (e.g. ``decoder.iou_from_mask``) come from ``cfg.model`` and ``cfg.model_overrides``.
     """
     try:
-        start = load_pretrained(cfg.init_from).state_dict()
+        start = read_checkpoint(cfg.init_from)[2]  # the weights alone: no second model in memory
     except PretrainedError as e:
         raise ValueError(f"init_from={cfg.init_from!r}: {e}") from None
     own = model.state_dict()
