@@ -141,10 +141,10 @@ def _measure_model(name: str, runs: int, threads: int, throughput_batch: int,
 
     one, many = inputs(1), inputs(throughput_batch)
     fns: dict[str, Callable[[], object]] = {}
-    paths = [(p, "torch") for p in precisions if "torch" in runtimes]
-    paths += [(p, "openvino") for p in precisions if "openvino" in runtimes and p in OPENVINO_PRECISIONS]
-    for precision, runtime in paths:
-        key = precision if runtime == "torch" else f"openvino {precision}"
+    # (row key, precision, runtime)
+    paths = [(p, p, "torch") for p in precisions if "torch" in runtimes]
+    paths += [(f"openvino {p}", p, "openvino") for p in precisions if "openvino" in runtimes and p in OPENVINO_PRECISIONS]
+    for key, precision, runtime in paths:
         if runtime == "openvino":
             run, dtype = OpenVINOModel(model, precision, threads), None
         else:
@@ -164,8 +164,7 @@ def _measure_model(name: str, runs: int, threads: int, throughput_batch: int,
         fns[f"{key}/batch"] = timed(lambda run=run: run(*many))
     times = median_seconds(fns, runs=runs)
     rows: dict[str, dict[str, float | None]] = {}
-    for precision, runtime in paths:
-        key = precision if runtime == "torch" else f"openvino {precision}"
+    for key, _, _ in paths:
         latency, batch = times[f"{key}/latency"], times[f"{key}/batch"]
         encoder = times.get(f"{key}/encoder")
         rows[key] = {"latency_s": latency, "head_share": None if encoder is None else 1.0 - encoder / latency,

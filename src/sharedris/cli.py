@@ -102,9 +102,14 @@ PRESENCE_HELP = ("an expression whose presence probability (that anything in the
                  "matches nothing: 'no match', an empty mask")
 
 
+def _name_list(text: str) -> list[str]:
+    """``"a,b,"`` -> ``["a", "b"]``: a comma-separated list option (empty items dropped)."""
+    return [x for x in text.split(",") if x]
+
+
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x]
+        return [int(x) for x in _name_list(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
@@ -403,16 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--json", action="store_true", help="also print the rows as JSON")
     enc.set_defaults(func=_cmd_bench)
     bm = bench_sub.add_parser("model", help="size, GFLOPs, latency, throughput, memory per registered model")
-    bm.add_argument("--models", type=lambda s: [x for x in s.split(",") if x],
+    bm.add_argument("--models", type=_name_list,
                     default="sharedris_tiny,sharedris_base,sharedris_large",
                     help="comma-separated registered model names (randomly initialised)")
     bm.add_argument("--runs", type=int, default=3, help="timed runs per model (the median is reported)")
     bm.add_argument("--batch", type=int, default=8, help="batch size of the throughput measurement")
     bm.add_argument("--threads", type=int, default=2, help="torch threads")
-    bm.add_argument("--precision", type=lambda s: [x for x in s.split(",") if x], default="fp32",
+    bm.add_argument("--precision", type=_name_list, default="fp32",
                     help="comma-separated precisions (fp32, bf16, int8, auto), timed alternately in one process; "
                          "ratios are against fp32 when it is listed")
-    bm.add_argument("--runtime", type=lambda s: [x for x in s.split(",") if x], default="torch",
+    bm.add_argument("--runtime", type=_name_list, default="torch",
                     help="comma-separated runtimes (torch, openvino); openvino times fp32 and bf16 of the listed "
                          "precisions")
     bm.add_argument("--train-steps", type=int, default=10, help="steps of the tiny training measurement (0 = skip)")
@@ -466,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="default", help="'default' or a checkpoint folder")
     ev.add_argument("--dataset", choices=list(DATASETS), default="synthetic",
                     help="synthetic scenes, or a refer-format dataset under --root")
-    ev.add_argument("--split", type=lambda s: [x for x in s.split(",") if x], default="test",
+    ev.add_argument("--split", type=_name_list, default="test",
                     help="comma-separated splits, e.g. val,testA,testB")
     ev.add_argument("--root", default=None, help="refer-format data root (or $SHAREDRIS_DATA)")
     ev.add_argument("--split-by", default=None, help="refer annotation split: unc, umd or google "
@@ -475,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score at each image's original size, or LAVT's 480x480")
     ev.add_argument("--num-samples", type=int, default=1200,
                     help="synthetic: samples per split (the six families take turns: 200 each at 1,200)")
-    ev.add_argument("--styles", type=lambda s: tuple(x for x in s.split(",") if x), default=None,
+    ev.add_argument("--styles", type=lambda s: tuple(_name_list(s)), default=None,
                     help="synthetic: background styles drawn per scene, comma-separated, among texture, plain, "
                          "gradient, stripes (default: texture)")
     ev.add_argument("--synthetic-image-size", type=int, default=None, help="synthetic: scene size (default: model size)")
