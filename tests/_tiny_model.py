@@ -9,6 +9,7 @@ from typing import Iterable
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from sharedris.modeling.pretrained import save_pretrained
 from sharedris.modeling.registry import build_model, model_config
@@ -22,20 +23,35 @@ TINY_MODEL = {
 }
 
 
-def save_tiny_model(folder: Path, seed: int = 0, presence_bias: float | None = None,
-                    vocabulary: Iterable[str] | None = None, description: str | None = None) -> Path:
-    """Write a tiny checkpoint folder (config.json, model.safetensors, tiny.spm) and return it.
+def tiny_model(seed: int = 0, presence_bias: float | None = None, mask_bias: float | None = None,
+               **decoder) -> nn.Module:
+    """A randomly initialised tiny model; ``decoder`` overrides fields of its decoder config.
 
     ``presence_bias`` replaces the bias of the presence head's last layer: a large positive value
-    makes every expression match, a large negative one none. ``vocabulary`` (and ``description``)
-    add vocabulary.json, so that other words are unknown to the model.
+    makes every expression present, a large negative one none. ``mask_bias`` replaces the bias
+    added to every mask logit: a large positive value fills every mask, a large negative one
+    empties it.
     """
-    cfg = model_config("sharedris_tiny", **TINY_MODEL)
+    cfg = model_config("sharedris_tiny", **{**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], **decoder}})
     torch.manual_seed(seed)
     model = build_model(cfg)
-    if presence_bias is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if presence_bias is not None:
             model.decoder.presence_mlp[-1].bias.fill_(presence_bias)
+        if mask_bias is not None:
+            model.decoder.logit_bias.fill_(mask_bias)
+    return model
+
+
+def save_tiny_model(folder: Path, seed: int = 0, presence_bias: float | None = None,
+                    vocabulary: Iterable[str] | None = None, description: str | None = None,
+                    mask_bias: float | None = None) -> Path:
+    """Write a tiny checkpoint folder (config.json, model.safetensors, tiny.spm) and return it.
+
+    ``presence_bias`` and ``mask_bias`` as for :func:`tiny_model`. ``vocabulary`` (and
+    ``description``) add vocabulary.json, so that other words are unknown to the model.
+    """
+    model = tiny_model(seed, presence_bias, mask_bias)
     if vocabulary is not None:
         model.vocabulary, model.description = frozenset(vocabulary), description
     return save_pretrained(model, folder)

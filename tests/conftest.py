@@ -1,4 +1,4 @@
-"""Fixtures shared by the predictor, CLI and service tests."""
+"""Fixtures shared by the predictor, CLI, bulk and service tests."""
 
 import pytest
 from _tiny_model import save_tiny_model
@@ -11,6 +11,12 @@ from sharedris.predictor import Predictor
 def model_dir(tmp_path_factory):
     """A randomly initialised, very small checkpoint folder."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny_model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def empty_mask_model_dir(tmp_path_factory):
+    """A tiny model sure that every expression is present (presence 1) whose masks have no pixel."""
+    return save_tiny_model(tmp_path_factory.mktemp("empty_mask") / "emptymask", presence_bias=20.0, mask_bias=-50.0)
 
 
 @pytest.fixture(scope="session")

@@ -343,7 +343,7 @@ def test_no_match_pairs_are_marked_and_get_no_mask_png(tmp_path):
     got = _results(tmp_path / "out")
     assert len(got) == 4
     for r in got:
-        assert r["matched"] is False and 0 <= r["present"] < 0.01 and r["mask_png"] is None
+        assert (r["matched"], r["score"], r["mask_png"]) == (False, 0.0, None) and 0 <= r["present"] < 0.01
         assert r["rle"] == encode_rle(np.zeros((14, 20), dtype=bool))
         assert (tmp_path / "out" / Path(r["overlay_png"]).name).is_file()
     assert not list((tmp_path / "out").glob("*_mask.png"))
@@ -352,3 +352,14 @@ def test_no_match_pairs_are_marked_and_get_no_mask_png(tmp_path):
                      show_progress=False)
     got = _results(tmp_path / "all")
     assert all(r["matched"] is True and Path(r["mask_png"]).is_file() for r in got)
+
+
+def test_present_pairs_with_an_empty_mask_are_no_match_scored_0(tmp_path, empty_mask_model_dir):
+    scene(20, 14).save(tmp_path / "0.png")
+    rows = [{"image": str(tmp_path / "0.png"), "texts": TEXTS, "id": "img-0"}]
+    predict_manifest(load_pretrained(empty_mask_model_dir), rows, tmp_path / "out", workers=0, save_png=True,
+                     show_progress=False)
+    got = _results(tmp_path / "out")
+    assert [(r["matched"], r["score"], r["mask_png"]) for r in got] == [(False, 0.0, None)] * len(TEXTS)
+    assert all(r["present"] > 0.99 and r["rle"] == encode_rle(np.zeros((14, 20), dtype=bool)) for r in got)
+    assert not list((tmp_path / "out").glob("*_mask.png"))

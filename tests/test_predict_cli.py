@@ -22,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sharedris.data.images import ImageError
+from sharedris.render import overlay
 
 
 def _predict(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -114,11 +115,24 @@ def test_no_match_prints_it_writes_only_the_overlay_and_names_unknown_words(tmp_
 
     report = json.loads(_predict(*args, "--json", "-o", "json", cwd=tmp_path).stdout)
     for r, unknown_words in zip(report["results"], [[], ["cat", "and", "dog"], ["cat"]]):
-        assert (r["matched"], r["mask_png"], r["unknown_words"]) == (False, None, unknown_words)
-        assert 0 <= r["present"] < 0.01 and 0 <= r["score"] <= 1
+        assert (r["matched"], r["mask_png"], r["score"], r["unknown_words"]) == (False, None, 0.0, unknown_words)
+        assert 0 <= r["present"] < 0.01
         assert (tmp_path / r["overlay_png"]).is_file()
         rle = {"size": r["rle"]["size"], "counts": r["rle"]["counts"].encode("ascii")}
         assert not mask_utils.decode(rle).any()
+
+
+def test_present_with_an_empty_mask_is_no_match_scored_0(tmp_path, empty_mask_model_dir):
+    image = scene(30, 20, seed=5)
+    image.save(tmp_path / "a.png")
+    result = _predict("a.png", "-t", "the red box", "--model", str(empty_mask_model_dir), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (r,) = json.loads(result.stdout)["results"]
+    assert (r["matched"], r["mask_png"], r["score"]) == (False, None, 0.0) and r["present"] > 0.99
+    assert not mask_utils.decode({"size": r["rle"]["size"], "counts": r["rle"]["counts"].encode("ascii")}).any()
+    assert [p.name for p in (tmp_path / "predictions").iterdir()] == ["a__the-red-box_overlay.png"]
+    expected = overlay(image, np.zeros((20, 30), dtype=bool), "the red box", present=r["present"], matched=False)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / r["overlay_png"])), np.asarray(expected))
 
 
 def test_presence_threshold_option(tmp_path, no_match_model_dir):

@@ -1,12 +1,15 @@
-"""Predictor: the presence threshold, probabilities on request, unknown words, a model built in memory."""
+"""Predictor: the presence threshold, "no match" exactly when the mask is empty (score 0), probabilities
+on request, unknown words, a model built in memory."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from _tiny_model import TINY_MODEL, scene
+import torch
+from _tiny_model import TINY_MODEL, scene, tiny_model
 
 from sharedris.modeling.registry import build_model
+from sharedris.modeling.segmenter import SegmenterOutput
 from sharedris.predictor import Predictor
 
 TEXTS = ["the red box", "the green one", "the top one"]
@@ -37,6 +40,35 @@ def test_the_presence_threshold_empties_the_masks_of_no_match(model_dir):
     assert ((0 < everything.present) & (everything.present < 1)).all()
     with pytest.raises(ValueError, match="presence_threshold"):
         Predictor(model, presence_threshold=1.5)
+
+
+NO_HEADS = {"presence_head": False, "iou_head": False}
+
+
+@pytest.mark.parametrize("heads, presence_bias, mask_bias, matched", [
+    ({}, 20.0, -50.0, False),  # sure something is there, but not one mask pixel: no match
+    ({}, -20.0, 50.0, False),  # a full mask, but nothing present: no match
+    ({}, 20.0, 50.0, True),
+    (NO_HEADS, None, -50.0, False),  # without a presence head an empty mask is still no match
+    (NO_HEADS, None, 50.0, True),  # the score is then the mean probability inside the mask
+])
+def test_matched_is_exactly_a_non_empty_mask_and_no_match_scores_0(heads, presence_bias, mask_bias, matched):
+    model = tiny_model(presence_bias=presence_bias, mask_bias=mask_bias, **heads)
+    out = Predictor(model).predict(scene(30, 20), TEXTS)
+    np.testing.assert_array_equal(out.matched, [matched] * len(TEXTS))
+    np.testing.assert_array_equal(out.masks.any(axis=(1, 2)), out.matched)
+    assert (out.scores > 0.99).all() if matched else (out.scores == 0.0).all()
+    assert (out.present < 0.01).all() if presence_bias == -20.0 else (out.present > 0.99).all()
+
+
+def test_no_match_is_decided_at_the_output_size(predictor):
+    logits = torch.full((1, 1, 8, 8), -1.0)
+    logits[..., 0, 0] = 1.0  # one pixel, which a 2x2 answer does not sample
+    output = SegmenterOutput(logits, torch.tensor([5.0]), torch.tensor([0.9]))
+    full, small = predictor.postprocess(output, 8, 8), predictor.postprocess(output, 2, 2)
+    assert full.matched[0] and full.masks.sum() == 1 and full.scores[0] == pytest.approx(0.9)
+    assert not small.matched[0] and not small.masks.any() and small.scores[0] == 0.0
+    assert small.present[0] == full.present[0] > 0.99
 
 
 def test_unknown_words_are_named_only_with_a_vocabulary(predictor):

@@ -157,7 +157,7 @@ def test_no_match_json_says_so_and_names_unknown_words(no_match_client):
                                "cat, a, dog, next, to")
     assert [res["unknown_words"] for res in body["results"]] == [[], ["cat"], ["a", "dog", "next", "to", "cat"]]
     for res in body["results"]:
-        assert res["matched"] is False and 0 <= res["present"] < 0.01 and 0 <= res["score"] <= 1
+        assert (res["matched"], res["score"]) == (False, 0.0) and 0 <= res["present"] < 0.01
         assert not _decode(res["rle"]).any()
 
 
@@ -176,6 +176,19 @@ def test_no_match_png_is_black_and_overlay_is_the_plain_image(no_match_client):
     expected = overlay(img, np.zeros((21, 33), dtype=bool), "the red box", present=present, matched=False)
     np.testing.assert_array_equal(shown, np.asarray(expected))
     _assert_error(_post(no_match_client, encode(img), ["a", "b"], fmt="overlay"), 400, "exactly one expression")
+
+
+def test_present_with_an_empty_mask_is_no_match_scored_0(empty_mask_model_dir):
+    img = scene(24, 18, seed=3)
+    with TestClient(create_app(empty_mask_model_dir, limits=LIMITS)) as c:
+        (res,) = _post(c, encode(img), ["the red box"]).json()["results"]
+        png, shown = (_post(c, encode(img), ["the red box"], fmt=fmt) for fmt in ("png", "overlay"))
+    assert (res["matched"], res["score"]) == (False, 0.0) and res["present"] > 0.99 and not _decode(res["rle"]).any()
+    for r in (png, shown):
+        assert (r.headers["X-Sharedris-Matched"], r.headers["X-Sharedris-Score"]) == ("false", "0.0000")
+    assert not np.asarray(Image.open(io.BytesIO(png.content))).any()
+    expected = overlay(img, np.zeros((18, 24), dtype=bool), "the red box", present=res["present"], matched=False)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(shown.content))), np.asarray(expected))
 
 
 def test_presence_threshold_is_the_services(no_match_dir):

@@ -486,7 +486,7 @@ class _Run:
         start = 0
         for job, group in groupby(pairs, key=lambda p: p[0]):
             count = len(list(group))
-            job.outputs.append(SegmenterOutput(*(t[start:start + count] for t in output)))
+            job.outputs.append(output.rows(start, start + count))
             job.done += count
             start += count
         while self.open and self.open[0].done == len(self.open[0].pending):

@@ -209,8 +209,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 def _predict_one(args: argparse.Namespace, image_path: str, device: torch.device) -> None:
     """One image: mask and overlay PNGs named from each phrase, a line (or JSON) per phrase.
 
-    A phrase that matches nothing gets no mask file (its mask would be empty), only its overlay:
-    the plain image captioned "no match".
+    A phrase that matches nothing (``matched`` false: the predictor's "no match", an empty mask)
+    gets no mask file, only its overlay: the plain image captioned "no match".
     """
     from sharedris.data.images import load_image
     from sharedris.predictor import Predictor
@@ -439,8 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "glob pattern or --manifest: results.jsonl (COCO RLE masks) in the output "
                                     "folder, resumable, also under torchrun (see docs/bulk.md).",
                         epilog="An expression that matches nothing in the image (presence below "
-                               "--presence-threshold) prints 'no match' and gets no mask PNG, only its overlay: "
-                               "the plain image captioned 'no match'; in --json its mask_png is null. Words the "
+                               "--presence-threshold, or not one pixel in its mask) prints 'no match' and gets no "
+                               "mask PNG, only its overlay: the plain image captioned 'no match'; in --json its "
+                               "matched is false, its mask_png null and its score 0. Words the "
                                "model never saw in training are named in one line on stderr.")
     pr.add_argument("image", nargs="*", help="image file(s) (any format Pillow reads), folder(s) of images or "
                                              "glob pattern(s)")

@@ -13,7 +13,7 @@ from sharedris.data.datasets import RISSamples, collate
 from sharedris.data.sample import Source
 from sharedris.data.transforms import mask_to_tensor
 from sharedris.metrics import METRIC_KEYS, GRESMeter, RISMeter
-from sharedris.predictor import Predictor, masks_from_logits
+from sharedris.predictor import Predictor
 from sharedris.progress import progress as progress_bar
 from sharedris.text import Tokenizer
 
@@ -63,7 +63,8 @@ def evaluate(
         :func:`sharedris.metrics.compute_ris_metrics` over the expressions that refer to something
         (None when there are none) and ``cIoU``, ``gIoU``, ``N-acc``, ``T-acc`` of
         :func:`sharedris.metrics.compute_gres_metrics` over all of them, "no target" being the
-        model's presence probability below the threshold (never, for a model without a presence head).
+        predictor's "no match" (:meth:`~sharedris.predictor.Predictor.postprocess`: presence below
+        the threshold, or no mask pixel at the size scored).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
@@ -81,20 +82,15 @@ def evaluate(
     for batch in progress_bar(loader, desc="eval", disable=not progress or rank != 0, leave=False):
         ids, pad = predictor.tokenizer(batch["text"])
         output = predictor.forward(batch["image"], ids, pad)
-        logits = output.mask_logits  # (B, 1, S, S)
-        absent = ((torch.sigmoid(output.presence_logits) < predictor.presence_threshold).tolist()
-                  if output.presence_logits is not None else [False] * len(logits))
         for i, gt in enumerate(batch["orig_mask"]):
-            if protocol == "original":
-                pred = masks_from_logits(logits[i:i + 1], *gt.shape)[0]
-            else:
-                pred = masks_from_logits(logits[i:i + 1], resized_size, resized_size)[0]
+            if protocol == "resized":
                 gt = mask_to_tensor(gt, resized_size)[0].numpy() > 0.5
-            pred_np = pred.cpu().numpy() & (not absent[i])  # "no match" answers with an empty mask
+            pred = predictor.postprocess(output.rows(i, i + 1), *gt.shape)  # "no match": an empty mask
+            mask, absent = pred.masks[0], not pred.matched[0]
             for ris, gres in [overall] + ([per_group[batch["group"][i]]] if batch["group"][i] in per_group else []):
                 if gt.any():  # oIoU, mIoU and P@X are over expressions that refer to something
-                    ris.update(pred_np, gt)
-                gres.update(pred_np, gt, absent[i])
+                    ris.update(mask, gt)
+                gres.update(mask, gt, absent)
     model.train(was_training)
     for meter in (*overall, *(m for pair in per_group.values() for m in pair)):
         meter.all_reduce_()

@@ -8,8 +8,9 @@ Per sentence ``i`` with predicted mask ``P`` and ground truth ``G`` (both ``HxW`
 - ``P@X`` = share of sentences with ``IoU >= X`` for ``X`` in :data:`THRESHOLDS`.
 
 GRES metrics (gRefCOCO; ReLA's ``refer_evaluation.py`` after its 2023-08 fix, docs/reference.md)
-also take each sample's "no target" decision ``n_i``: an input, the caller's thresholded presence
-output of the model, never derived from the predicted mask. A ground truth has no target exactly
+also take each sample's "no target" decision ``n_i``: an input, the caller's (for
+:func:`sharedris.evaluate.evaluate`, the predictor's "no match"), which this module never derives
+from the predicted mask. A ground truth has no target exactly
 when its mask is empty (gRefCOCO's no-target expressions).
 
 - No target: ``g_i = 1`` if ``n_i`` else 0; ``I_i = 0``; ``U_i = 0`` if ``n_i`` else ``|P|``.
@@ -269,8 +270,8 @@ class GRESMeter(_SummingMeter):
             pred: ``HxW`` boolean numpy array or torch tensor (any device): the predicted mask.
             gt: ``HxW`` boolean mask of the same shape and kind; empty exactly when the expression
                 refers to nothing.
-            predicted_no_target: True when the model says the expression refers to nothing (its
-                presence output, thresholded); a bool or a one-element bool array/tensor.
+            predicted_no_target: True when the model says the expression refers to nothing (e.g.
+                the predictor's "no match"); a bool or a one-element bool array/tensor.
         """
         intersection, union = _intersection_union(pred, gt)
         self.add(intersection, union, _is_nonempty(gt), predicted_no_target)
@@ -363,8 +364,8 @@ def compute_gres_metrics(preds: Iterable[Mask], gts: Iterable[Mask],
         preds: iterable of ``HxW`` boolean predicted masks.
         gts: iterable of boolean ground-truth masks, each the same shape as its prediction; empty
             exactly for expressions that refer to nothing.
-        no_target_preds: the model's "no target" decision per sample (its presence output,
-            thresholded), not derived from the predicted mask.
+        no_target_preds: the model's "no target" decision per sample (e.g. the predictor's
+            "no match"), an input, not derived here from the predicted mask.
 
     Returns:
         ``{"cIoU", "gIoU", "N-acc", "T-acc", "P@0.7", "P@0.8", "P@0.9"}`` as fractions in ``[0, 1]``

@@ -4,7 +4,7 @@
 are public so that batch evaluation, the service, bulk prediction and benchmarks run the same code:
 :class:`ImagePreprocessor` (picklable, for DataLoader workers), :meth:`Predictor.prepare_texts`,
 :meth:`Predictor.forward` (batched tensors in, :class:`SegmenterOutput` out) and
-:func:`masks_from_logits` / :meth:`Predictor.postprocess`.
+:meth:`Predictor.postprocess` (masks, scores and the "no match" decision).
 
 The single encoder reads image and text together, so nothing per image can be cached: the only
 way to amortise work across expressions is to batch them, which is what :meth:`Predictor.predict`
@@ -36,13 +36,15 @@ from sharedris.text import Tokenizer, validate_texts
 class Prediction:
     """Masks at the image's original (displayed) size, one per expression, and how sure the model is.
 
-    masks: (N, H, W) bool; empty where the expression matches nothing (``present`` below the
-        predictor's ``presence_threshold``).
+    masks: (N, H, W) bool; empty exactly where ``matched`` is False.
     scores: (N,) float32, the model's predicted IoU of each mask with what the expression refers
-        to, in [0, 1] (a model without an IoU head: the mean foreground probability inside the mask).
+        to, in [0, 1] (a model without an IoU head: the mean foreground probability inside the
+        mask); 0.0 for "no match", since there is no mask to be sure of.
     present: (N,) float32, the probability that something in the image matches the expression
         (1 for a model without a presence head).
-    matched: (N,) bool, ``present >= presence_threshold``: False means "no match".
+    matched: (N,) bool, True exactly when the answer is a mask: ``present >= presence_threshold``
+        and the thresholded mask has at least one pixel at the image's size. False means "no
+        match": an empty mask and a score of 0.0, whatever ``present`` says.
     unknown_words: per expression, the words the model never saw in training (always empty for a
         model with an open vocabulary).
     probs: (N, H, W) float32 foreground probabilities, only when asked for (``return_probs``); not
@@ -78,11 +80,6 @@ class ImagePreprocessor:
         return image_to_tensor(img, self.image_size, self.mean, self.std), (img.height, img.width)
 
 
-def masks_from_logits(mask_logits: Tensor, height: int, width: int) -> Tensor:
-    """(N, 1, h, w) mask logits -> (N, H, W) bool masks at the image size (bilinear logits, > 0)."""
-    return resize_logits(mask_logits[:, 0], height, width) > 0
-
-
 class Predictor:
     """Segment what each expression refers to in an image.
 
@@ -94,7 +91,7 @@ class Predictor:
         device: where to run; the model is moved there. CPU by default.
         precision: ``fp32``, ``bf16``, ``int8`` or ``auto`` (see :mod:`sharedris.precision`).
         presence_threshold: an expression whose presence probability is below this matches
-            nothing: its mask is empty.
+            nothing ("no match"); so does one whose mask has no pixel (see :class:`Prediction`).
         runtime: ``torch``, or ``openvino`` (CPU, fp32 or bf16; the faster bf16 path on CPUs with
             AVX-512-BF16 but no AMX; see :mod:`sharedris.runtime`).
     """
@@ -151,23 +148,24 @@ class Predictor:
                     texts: Sequence[str] = ()) -> Prediction:
         """Masks of the pairs in ``output`` (all of one image) at that image's ``height`` x ``width``.
 
-        ``texts`` (the expressions, in order) fill ``unknown_words``.
+        ``texts`` (the expressions, in order) fill ``unknown_words``. This is where "no match" is
+        decided, for every caller: presence below the threshold or no mask pixel at this size.
         """
         logits = resize_logits(output.mask_logits[:, 0], height, width)  # (N, H, W)
         # full-size probabilities only when asked for, or for the score of a model without an IoU head
         probs = torch.sigmoid(logits) if return_probs or output.iou_pred is None else None
         masks = logits > 0
-        n = len(logits)
-        present = torch.sigmoid(output.presence_logits) if output.presence_logits is not None else torch.ones(n)
-        matched = present.cpu() >= self.presence_threshold
-        masks &= matched.to(masks.device)[:, None, None]
+        present = (torch.sigmoid(output.presence_logits) if output.presence_logits is not None
+                   else torch.ones(len(logits), device=logits.device))
+        matched = (present >= self.presence_threshold) & masks.flatten(1).any(1)  # "no match": an empty mask
+        masks &= matched[:, None, None]
         if output.iou_pred is not None:
             scores = output.iou_pred.clamp(0.0, 1.0)
-        else:
-            area = masks.flatten(1).sum(1)
-            scores = torch.where(area > 0, (probs * masks).flatten(1).sum(1) / area.clamp(min=1), 0.0)
+        else:  # the mean foreground probability inside the mask
+            scores = (probs * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
+        scores = torch.where(matched, scores, 0.0)  # no mask, no confidence in one
         return Prediction(masks=masks.cpu().numpy(), scores=scores.cpu().numpy().astype(np.float32),
-                          present=present.cpu().numpy().astype(np.float32), matched=matched.numpy(),
+                          present=present.cpu().numpy().astype(np.float32), matched=matched.cpu().numpy(),
                           unknown_words=[self.unknown_words(t) for t in texts],
                           probs=probs.cpu().numpy() if return_probs else None)
 

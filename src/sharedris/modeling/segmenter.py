@@ -28,6 +28,10 @@ class SegmenterOutput(NamedTuple):
     presence_logits: Tensor | None = None
     iou_pred: Tensor | None = None
 
+    def rows(self, start: int, stop: int) -> "SegmenterOutput":
+        """The pairs ``start:stop`` of the batch (an output the model lacks stays None)."""
+        return SegmenterOutput(*(None if t is None else t[start:stop] for t in self))
+
 
 class SharedRIS(nn.Module):
     """Referring image segmentation with one encoder for image and text.
