@@ -281,6 +281,27 @@ def _predict_bulk(args: argparse.Namespace, device: torch.device) -> None:
         raise UserError(f"{summary.failed} row(s) failed; their reasons are in {summary.errors}")
 
 
+GENERATOR_SAMPLES, HELDOUT_SAMPLES = 1200, 300  # eval --num-samples defaults: per split, per variant
+
+
+def _heldout_variants(args: argparse.Namespace) -> list[str]:
+    """The held-out variants to score, after refusing the options that do not apply to them."""
+    from sharedris.data.heldout import VARIANTS
+
+    if args.dataset != "synthetic":
+        raise UserError(f"--renderer heldout draws synthetic scenes; it cannot score --dataset {args.dataset}")
+    for flag, value in (("--split", args.split), ("--styles", args.styles),
+                        ("--synthetic-image-size", args.synthetic_image_size)):
+        if value is not None:
+            raise UserError(f"{flag} does not apply to --renderer heldout, which draws its own variants "
+                            f"(choose them with --variants)")
+    unknown = [v for v in args.variants or () if v not in VARIANTS]
+    if unknown or args.variants == []:
+        raise UserError(f"unknown held-out variant(s) {', '.join(unknown) or '(none given)'}; "
+                        f"choose among {', '.join(VARIANTS)}")
+    return list(args.variants or VARIANTS)
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -289,28 +310,39 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from sharedris.evaluate import evaluate
     from sharedris.metrics import format_table
 
+    heldout = args.renderer == "heldout"
+    variants = _heldout_variants(args) if heldout else []
+    if args.variants is not None and not heldout:
+        raise UserError("--variants chooses variants of the held-out renderer; add --renderer heldout")
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load_model(args.model, device)
     cfg = model.config
-    data = DataConfig(dataset=args.dataset, root=args.root, split_by=args.split_by,
-                      synthetic_image_size=args.synthetic_image_size or cfg.image_size,
-                      synthetic_eval_size=args.num_samples, seed=args.seed,
-                      **({"synthetic_styles": args.styles} if args.styles else {}))
+    if heldout:  # each variant is scored like a split: one source per variant, of --num-samples scenes
+        runs = [(v, DataConfig(synthetic_renderer="heldout", synthetic_heldout_variant=v, seed=args.seed,
+                               synthetic_eval_size=args.num_samples or HELDOUT_SAMPLES), "test") for v in variants]
+    else:
+        data = DataConfig(dataset=args.dataset, root=args.root, split_by=args.split_by,
+                          synthetic_image_size=args.synthetic_image_size or cfg.image_size,
+                          synthetic_eval_size=args.num_samples or GENERATOR_SAMPLES, seed=args.seed,
+                          **({"synthetic_styles": args.styles} if args.styles else {}))
+        runs = [(split, data, split) for split in args.split or ["test"]]
     rows, report = {}, {}
-    for split in args.split:
+    for name, data, split in runs:
         source = build_source(data, split, train=False)
         res = evaluate(model, source, device=device, precision=args.precision, runtime=args.runtime,
                        batch_size=args.batch_size, protocol=args.protocol, num_workers=args.workers)
-        report[split] = res
-        rows[split] = res["overall"]
-        rows.update({f"{split}/{g}": m for g, m in res["groups"].items()})
+        report[name] = res
+        rows[name] = res["overall"]
+        rows.update({f"{name}/{g}": m for g, m in res["groups"].items()})
     runtime = "" if res["runtime"] == "torch" else f" (runtime {res['runtime']})"
-    print(f"model {args.model}, dataset {args.dataset}, protocol {args.protocol}, precision {res['precision']}{runtime}")
+    dataset = "synthetic (held-out renderer)" if heldout else args.dataset
+    print(f"model {args.model}, dataset {dataset}, protocol {args.protocol}, precision {res['precision']}{runtime}")
     print(format_table(rows))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report if len(report) > 1 else next(iter(report.values())), indent=2))
+    if args.out:  # held-out: always keyed by variant; splits: keyed when there are several
+        keyed = heldout or len(report) > 1
+        Path(args.out).write_text(json.dumps(report if keyed else next(iter(report.values())), indent=2))
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -472,15 +504,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="default", help="'default' or a checkpoint folder")
     ev.add_argument("--dataset", choices=list(DATASETS), default="synthetic",
                     help="synthetic scenes, or a refer-format dataset under --root")
-    ev.add_argument("--split", type=_name_list, default="test",
-                    help="comma-separated splits, e.g. val,testA,testB")
+    ev.add_argument("--split", type=_name_list, default=None,
+                    help="comma-separated splits, e.g. val,testA,testB (default: test; not with --renderer heldout)")
     ev.add_argument("--root", default=None, help="refer-format data root (or $SHAREDRIS_DATA)")
     ev.add_argument("--split-by", default=None, help="refer annotation split: unc, umd or google "
                                                        "(default: the dataset's usual one)")
     ev.add_argument("--protocol", choices=["original", "resized"], default="original",
                     help="score at each image's original size, or LAVT's 480x480")
-    ev.add_argument("--num-samples", type=int, default=1200,
-                    help="synthetic: samples per split (the six families take turns: 200 each at 1,200)")
+    ev.add_argument("--num-samples", type=int, default=None,
+                    help="synthetic: samples per split (default 1,200: the six families take turns, 200 each) "
+                         "or, with --renderer heldout, per variant (default 300)")
+    ev.add_argument("--renderer", choices=["generator", "heldout"], default="generator",
+                    help="synthetic: the scenes training uses (generator), or an independent held-out renderer "
+                         "for evaluation only (heldout; see docs/evaluation.md)")
+    ev.add_argument("--variants", type=_name_list, default=None,
+                    help="--renderer heldout: comma-separated variants among few, lone, crowded, pastel, jpeg, "
+                         "wide, tall (default: all), each scored like a split")
     ev.add_argument("--styles", type=lambda s: tuple(_name_list(s)), default=None,
                     help="synthetic: background styles drawn per scene, comma-separated, among texture, plain, "
                          "gradient, stripes (default: texture)")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sharedris.data.heldout import VARIANTS
 from sharedris.data.synthetic import FAMILIES
+
+RENDERERS = ("generator", "heldout")
 
 
 @dataclass
@@ -36,3 +39,15 @@ class DataConfig:
     synthetic_train_seed: int | None = None
     shuffle_texts: bool = False  # control experiment: texts permuted across samples
     num_workers: int = 2
+    # What draws synthetic evaluation scenes: "generator" (sharedris.data.synthetic, the scenes training
+    # sees) or "heldout" (sharedris.data.heldout, an independent renderer, evaluation only: training
+    # refuses it) drawing its variant synthetic_heldout_variant, synthetic_eval_size scenes of seed.
+    synthetic_renderer: str = "generator"
+    synthetic_heldout_variant: str = "few"
+
+    def __post_init__(self) -> None:
+        if self.synthetic_renderer not in RENDERERS:
+            raise ValueError(f"synthetic_renderer={self.synthetic_renderer!r}: choose {' or '.join(RENDERERS)}")
+        if self.synthetic_heldout_variant not in VARIANTS:
+            raise ValueError(f"synthetic_heldout_variant={self.synthetic_heldout_variant!r}: choose one of "
+                             f"{', '.join(VARIANTS)}")

@@ -12,9 +12,21 @@ from sharedris.data.config import DataConfig
 from sharedris.data.sample import Source
 
 
+HELDOUT_FOR_EVALUATION_ONLY = ("the held-out renderer is for evaluation only; train and select checkpoints on "
+                               "the generator's scenes (data.synthetic_renderer=generator)")
+
+
 def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
+    """The generator's scenes of ``split``, or (``synthetic_renderer="heldout"``, never for training)
+    the held-out renderer's variant ``synthetic_heldout_variant``, which has no splits."""
     from sharedris.data.synthetic import FAMILIES, GENERAL_FAMILIES, SyntheticRefScenes
 
+    if cfg.synthetic_renderer == "heldout":
+        if train:
+            raise ValueError(HELDOUT_FOR_EVALUATION_ONLY)
+        from sharedris.data.heldout import HeldoutScenes
+
+        return HeldoutScenes(cfg.synthetic_heldout_variant, length=cfg.synthetic_eval_size, seed=cfg.seed)
     return SyntheticRefScenes(
         split=split,
         size=cfg.synthetic_image_size,

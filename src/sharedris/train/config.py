@@ -77,6 +77,11 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps, besides every epoch end
     log_every: int = 20  # steps
 
+    def __post_init__(self) -> None:
+        if self.data.synthetic_renderer != "generator":
+            from sharedris.data.registry import HELDOUT_FOR_EVALUATION_ONLY
+
+            raise ValueError(f"data.synthetic_renderer={self.data.synthetic_renderer}: {HELDOUT_FOR_EVALUATION_ONLY}")
 
 
 
