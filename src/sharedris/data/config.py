@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sharedris.data.heldout import VARIANTS
-from sharedris.data.synthetic import FAMILIES
+from sharedris.data.synthetic import FAMILIES, WORLDS
 
 RENDERERS = ("generator", "heldout")
 
@@ -32,6 +32,9 @@ class DataConfig:
     # Background styles drawn per scene, training and evaluation alike (sharedris.data.synthetic.STYLES:
     # texture, plain, gradient, stripes); the texture scenes are the same whichever others are listed.
     synthetic_styles: tuple[str, ...] = ("texture",)
+    # How scenes are made (sharedris.data.synthetic.WORLDS): "varied" (independent and constructed
+    # layouts, many renderings; ``synthetic_styles`` does not apply) or "flat" (the first recipes').
+    synthetic_world: str = "varied"
     synthetic_fresh_epochs: bool = False  # each epoch new training scenes (e*N..e*N+N-1) instead of the same N
     seed: int = 0
     # Training scenes only: their seed, so that a later stage can see scenes no earlier one saw
@@ -46,6 +49,8 @@ class DataConfig:
     synthetic_heldout_variant: str = "few"
 
     def __post_init__(self) -> None:
+        if self.synthetic_world not in WORLDS:
+            raise ValueError(f"synthetic_world={self.synthetic_world!r}: choose {' or '.join(WORLDS)}")
         if self.synthetic_renderer not in RENDERERS:
             raise ValueError(f"synthetic_renderer={self.synthetic_renderer!r}: choose {' or '.join(RENDERERS)}")
         if self.synthetic_heldout_variant not in VARIANTS:

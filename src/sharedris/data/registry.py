@@ -19,7 +19,7 @@ HELDOUT_FOR_EVALUATION_ONLY = ("the held-out renderer is for evaluation only; tr
 def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
     """The generator's scenes of ``split``, or (``synthetic_renderer="heldout"``, never for training)
     the held-out renderer's variant ``synthetic_heldout_variant``, which has no splits."""
-    from sharedris.data.synthetic import FAMILIES, GENERAL_FAMILIES, SyntheticRefScenes
+    from sharedris.data.synthetic import FAMILIES, GENERAL_FAMILIES, MULTI_TARGET, SyntheticRefScenes
 
     if cfg.synthetic_renderer == "heldout":
         if train:
@@ -37,7 +37,10 @@ def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
         fresh_epochs=cfg.synthetic_fresh_epochs and train,
         balanced=not train,  # every family alike in evaluation
         styles=cfg.synthetic_styles,
-        no_target_phrasings=cfg.synthetic_no_target_phrasings if train else FAMILIES,
+        # evaluation: "nothing matches" expressions borrow from every family that can be absent
+        no_target_phrasings=cfg.synthetic_no_target_phrasings if train else
+        FAMILIES + ((MULTI_TARGET,) if cfg.synthetic_world == "varied" else ()),
+        world=cfg.synthetic_world,
     )
 
 

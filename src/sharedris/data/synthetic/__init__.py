@@ -32,7 +32,7 @@ from sharedris.data.synthetic.families import (
 )
 from sharedris.data.synthetic.geometry import COLOUR_JITTER, COLOURS, SHAPES
 from sharedris.data.synthetic.refer_format import write_refer_format
-from sharedris.data.synthetic.scene import NOISE, STYLES
+from sharedris.data.synthetic.scene import NOISE, STYLES, WORLDS
 
 __all__ = [
     "CENTRE_RADIUS",
@@ -48,6 +48,7 @@ __all__ = [
     "SIZE_RATIO",
     "SPLITS",
     "STYLES",
+    "WORLDS",
     "SyntheticRefScenes",
     "SyntheticSample",
     "write_refer_format",

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 
 from sharedris.data.sample import RefSample
-from sharedris.data.synthetic.families import FAMILIES, GENERAL_FAMILIES, NO_TARGET
+from sharedris.data.synthetic.families import FAMILIES, GENERAL_FAMILIES, MULTI_TARGET, NO_TARGET
 from sharedris.data.synthetic.families import vocabulary as expression_words
 from sharedris.data.synthetic.geometry import COLOURS, SHAPES
-from sharedris.data.synthetic.scene import STYLES, Scene, lay_out, render
+from sharedris.data.synthetic.geometry import UNNAMED_SHAPES
+from sharedris.data.synthetic.paint import BACKGROUNDS, paint
+from sharedris.data.synthetic.scene import STYLES, WORLDS, Scene, lay_out, render
 
 SPLITS: dict[str, int] = {"train": 1, "val": 2, "test": 3, "testA": 4, "testB": 5}
 # Non-zero 4th entropy word of the auxiliary RNGs (text shuffle, refer writer): SeedSequence pads
@@ -30,8 +32,13 @@ def _listing(words: list[str], last: str = "and") -> str:
     return f"{', '.join(words[:-1])} {last} {words[-1]}" if len(words) > 1 else words[0]
 
 
-def _description(styles: Sequence[str]) -> str:
+def _description(styles: Sequence[str], world: str = "flat") -> str:
     """What the scenes are, in one phrase that reads after "trained on"."""
+    if world == "varied":
+        return (f"synthetic shape scenes: 1 to 10 {_listing([s + 's' for s in SHAPES])} in shades of "
+                f"{_listing(list(COLOURS))}, among unnamed {_listing([s + 's' for s in UNNAMED_SHAPES], 'or')}, "
+                f"on {_listing(list(BACKGROUNDS), 'or')} backgrounds, with hard or soft edges, outlines, "
+                "shading, blur, noise and JPEG artefacts")
     backgrounds = {"texture": "textured", "plain": "plain", "gradient": "graded", "stripes": "striped"}
     kinds = _listing([backgrounds[s] for s in dict.fromkeys(styles)], "or")
     return (f"synthetic shape scenes: 3 to 6 flat-coloured {_listing([s + 's' for s in SHAPES])} in "
@@ -59,7 +66,7 @@ class SyntheticSample(RefSample):
     target: the referred object's index in the four target families, None otherwise.
     anchor: the anchor object's index in ``relation`` scenes, None otherwise (no_target too).
     labels: uint8 (H, W): ``k + 1`` on object ``k``, 0 on the background.
-    style: the background style, one of ``STYLES``.
+    style: the background style: one of ``STYLES`` (flat world) or ``BACKGROUNDS`` (varied world).
     split: the split name.
     index: the scene number (differs from the item index after ``set_epoch`` with ``fresh_epochs``).
     """
@@ -104,6 +111,13 @@ class SyntheticRefScenes:
     default, ``plain``, ``gradient``, ``stripes``); it is drawn last, so the scenes of the default
     style do not depend on which others are offered.
 
+    ``world`` (``WORLDS``) picks how scenes are made: ``flat`` (3-6 flat shapes in constructed
+    layouts, "nothing matches" by hiding the referent, the ``styles`` above) or ``varied``
+    (:mod:`~sharedris.data.synthetic.compose` and :mod:`~sharedris.data.synthetic.paint`: 1-10
+    objects, independent or constructed, unnamed shapes, "nothing matches" scenes drawn exactly like
+    target scenes, many backgrounds and renderings; ``styles`` does not apply, and
+    ``no_target_phrasings`` may also name ``multi_target``).
+
     ``vocabulary`` is every word an expression of ``families`` can contain (on the class: of every
     family) and ``description`` says what the scenes are: a model trained on them knows nothing else.
     """
@@ -125,6 +139,7 @@ class SyntheticRefScenes:
         balanced: bool = False,
         styles: Sequence[str] = ("texture",),
         no_target_phrasings: Sequence[str] = FAMILIES,
+        world: str = "flat",
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
@@ -132,8 +147,11 @@ class SyntheticRefScenes:
         if unknown or not families:
             raise ValueError(f"families must be a non-empty list of names from {GENERAL_FAMILIES}, "
                              f"got {list(families)}")
-        if not no_target_phrasings or not set(no_target_phrasings) <= set(FAMILIES):
-            raise ValueError(f"no_target_phrasings must be a non-empty list of names from {FAMILIES}, "
+        if world not in WORLDS:
+            raise ValueError(f"unknown world {world!r}; choose one of {', '.join(WORLDS)}")
+        phrasing_families = FAMILIES + ((MULTI_TARGET,) if world == "varied" else ())
+        if not no_target_phrasings or not set(no_target_phrasings) <= set(phrasing_families):
+            raise ValueError(f"no_target_phrasings must be a non-empty list of names from {phrasing_families}, "
                              f"got {list(no_target_phrasings)}")
         if not styles or not set(styles) <= set(STYLES):
             raise ValueError(f"styles must be a non-empty list of names from {STYLES}, got {list(styles)}")
@@ -148,8 +166,9 @@ class SyntheticRefScenes:
         self.balanced = balanced
         self.styles = tuple(styles)
         self.no_target_phrasings = tuple(no_target_phrasings)
+        self.world = world
         self.vocabulary = expression_words(self.families)
-        self.description = _description(self.styles)
+        self.description = _description(self.styles, world)
         self._first = 0  # scene number of sample 0
         self._text_source: np.ndarray | None = None
         if shuffle_texts and length > 1:
@@ -173,7 +192,7 @@ class SyntheticRefScenes:
             family = self.families[number % len(self.families)]
         else:
             family = self.families[int(rng.integers(len(self.families)))]
-        return lay_out(rng, family, self.size, self.no_target_phrasings), rng
+        return lay_out(rng, family, self.size, self.no_target_phrasings, self.world), rng
 
     def __getitem__(self, index: int) -> SyntheticSample:
         index = operator.index(index)
@@ -181,7 +200,10 @@ class SyntheticRefScenes:
             raise IndexError(f"index {index} out of range for {self.length} samples")
         index %= self.length
         scene, rng = self._lay_out(self._first + index)
-        image, style = render(scene.labels, scene.objects, rng, self.styles)
+        if self.world == "varied":
+            image, style = paint(scene.labels, scene.objects, rng)
+        else:
+            image, style = render(scene.labels, scene.objects, rng, self.styles)
         texts, phrased_as = scene.texts, scene.phrased_as
         if self._text_source is not None:
             told = self._lay_out(self._first + int(self._text_source[index]))[0]

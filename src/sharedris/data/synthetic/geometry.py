@@ -24,9 +24,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 30),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "hexagon")
+# Shapes the varied world draws but never names: a model must not take them for one of ``SHAPES``.
+UNNAMED_SHAPES: tuple[str, ...] = ("cross", "arrow", "heart")
 COLOUR_JITTER = 15  # per-channel jitter of an object's colour
 
-_MAX_ROTATION = {"circle": 0, "square": 15, "triangle": 180, "star": 36, "diamond": 15, "hexagon": 30}
+_MAX_ROTATION = {"circle": 0, "square": 15, "triangle": 180, "star": 36, "diamond": 15, "hexagon": 30,
+                 "cross": 45, "arrow": 180, "heart": 20}
 _PLACE_TRIES = 60
 
 
@@ -43,6 +46,14 @@ def _polygon_area(poly: np.ndarray) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
+def _heart(n: int) -> np.ndarray:
+    """The classic heart curve (x = 16 sin^3 t, y = 13 cos t - 5 cos 2t - 2 cos 3t - cos 4t), point down."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    return np.stack([x, y - y.mean()], axis=1) / 16
+
+
 def _unit_shapes() -> dict[str, np.ndarray]:
     """Shapes centred at 0, scaled to the area of the unit circle so "size" means area for all shapes.
 
@@ -55,6 +66,11 @@ def _unit_shapes() -> dict[str, np.ndarray]:
         "star": _ring(10, [1.0, 0.5], -90),
         "diamond": np.array([[0.0, -1.0], [0.62, 0.0], [0.0, 1.0], [-0.62, 0.0]]),  # narrow: not a square
         "hexagon": _ring(6, [1.0], 0),
+        "cross": np.array([[-1, -3], [1, -3], [1, -1], [3, -1], [3, 1], [1, 1], [1, 3], [-1, 3], [-1, 1],
+                           [-3, 1], [-3, -1], [-1, -1]], dtype=np.float64) / 3,
+        "arrow": np.array([[1.0, 0.0], [0.1, -0.8], [0.1, -0.3], [-1.0, -0.3], [-1.0, 0.3], [0.1, 0.3],
+                           [0.1, 0.8]]),
+        "heart": _heart(40),
     }
     return {name: poly * math.sqrt(math.pi / _polygon_area(poly)) for name, poly in raw.items()}
 
@@ -110,14 +126,19 @@ def rasterise(poly: np.ndarray, size: int) -> tuple[np.ndarray, int, int]:
     return np.asarray(crop), x0, y0
 
 
-def place(specs: list[Spec], size: int, rng: np.random.Generator) -> tuple[list[Placed], np.ndarray] | None:
+def place(
+    specs: list[Spec], size: int, rng: np.random.Generator, stretch: tuple[float, float] = (1.0, 1.0)
+) -> tuple[list[Placed], np.ndarray] | None:
     """Place objects at random without overlap; returns (objects, label map) or None if they don't fit.
 
     The label map is uint8 (``size``, ``size``): label ``k + 1`` marks object ``k``, 0 the
     background. A candidate's polygon grown by a gap must not touch any placed object, so objects
     stay visibly apart and no mask is ever occluded. Disc tests (the shapes' inscribed and
-    circumscribed radii) settle most candidates without rasterising.
+    circumscribed radii) settle most candidates without rasterising. ``stretch`` scales every
+    shape by (x, y) after rotating it: a non-square picture squashed to a square stretches its
+    objects so (the product is kept at 1, so areas and ``scale`` keep their meaning).
     """
+    wide, narrow = max(stretch), min(stretch)
     gap = max(2.0, 0.02 * size)
     labels = np.zeros((size, size), dtype=np.uint8)
     placed: list[Placed] = []
@@ -125,7 +146,9 @@ def place(specs: list[Spec], size: int, rng: np.random.Generator) -> tuple[list[
         rotation = float(rng.uniform(-1.0, 1.0) * _MAX_ROTATION[spec.shape])
         t = math.radians(rotation)
         unit = _UNIT[spec.shape] @ np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])
-        reach, inner = _REACH[spec.shape] * (spec.scale + gap), _INNER[spec.shape] * (spec.scale + gap)
+        unit = unit * stretch
+        reach = _REACH[spec.shape] * (spec.scale + gap) * wide
+        inner = _INNER[spec.shape] * (spec.scale + gap) * narrow
         jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3).tolist()
         r, g, b = (min(max(v + j, 0), 255) for v, j in zip(COLOURS[spec.colour], jitter))
         for _ in range(_PLACE_TRIES):
@@ -133,9 +156,9 @@ def place(specs: list[Spec], size: int, rng: np.random.Generator) -> tuple[list[
             unsure = False
             for o in placed:
                 d = math.hypot(x - o.centre[0], y - o.centre[1])
-                if d < inner + _INNER[o.spec.shape] * o.spec.scale:
+                if d < inner + _INNER[o.spec.shape] * o.spec.scale * narrow:
                     break
-                unsure |= d < reach + _REACH[o.spec.shape] * o.spec.scale
+                unsure |= d < reach + _REACH[o.spec.shape] * o.spec.scale * wide
             else:
                 if unsure:
                     grown, gx, gy = rasterise((x, y) + unit * (spec.scale + gap), size)

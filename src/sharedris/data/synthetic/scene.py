@@ -13,8 +13,11 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from sharedris.data.synthetic import compose
 from sharedris.data.synthetic.families import BUILDERS, FAMILIES, NO_TARGET, hide_referent
 from sharedris.data.synthetic.geometry import Placed, place
+
+WORLDS: tuple[str, ...] = ("flat", "varied")
 
 NOISE = 8  # per-pixel uniform noise amplitude, kept small so object colours stay recognisable
 
@@ -50,14 +53,28 @@ class Scene:
     phrased_as: str  # the family whose grammar the texts follow: ``family``; for no_target, a target family
 
 
-def lay_out(rng: np.random.Generator, family: str, size: int, phrasings: Sequence[str] = FAMILIES) -> Scene:
-    """Lay out a ``size`` x ``size`` scene of ``family``, retrying layouts until it is unambiguous.
+def lay_out(
+    rng: np.random.Generator, family: str, size: int, phrasings: Sequence[str] = FAMILIES, world: str = "flat"
+) -> Scene:
+    """Lay out a ``size`` x ``size`` scene of ``family`` in ``world`` (``WORLDS``).
 
-    A ``no_target`` scene draws one of the target families in ``phrasings`` (uniformly; a family
+    Flat world: layouts are retried until the family's builder resolves the expression. A
+    ``no_target`` scene draws one of the target families in ``phrasings`` (uniformly; a family
     listed twice is drawn twice as often), lays out a scene of it (which fixes the expression, drawn
     exactly as that family draws it), then places its objects anew with the referent hidden
     (:func:`hide_referent`).
+
+    Varied world (:mod:`~sharedris.data.synthetic.compose`): a ``no_target`` scene is a target
+    scene of a family drawn from ``phrasings``, unchanged, with an expression that refers to
+    nothing in it.
     """
+    if world == "varied":
+        stretch = compose.draw_stretch(rng)
+        if family != NO_TARGET:
+            return Scene(family, *compose.target_scene(rng, family, size, stretch), family)
+        told = phrasings[int(rng.integers(len(phrasings)))]
+        objs, labels, _, _, texts = compose.target_scene(rng, told, size, stretch)
+        return Scene(NO_TARGET, objs, labels, [], None, compose.absent_texts(rng, told, objs, texts), told)
     if family != NO_TARGET:
         return _resolved(rng, family, size)
     told = _resolved(rng, phrasings[int(rng.integers(len(phrasings)))], size)

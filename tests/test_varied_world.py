@@ -1,0 +1,180 @@
+"""Tests for the varied synthetic world (compose + paint) and the text-free shortcut probe."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sharedris.data.config import DataConfig
+from sharedris.data.registry import build_source
+from sharedris.data.synthetic import COLOURS, MARGIN, SHAPES, SyntheticRefScenes
+from sharedris.data.synthetic.compose import _with_unknown_word, made_up_word
+from sharedris.data.synthetic.families import vocabulary
+from sharedris.data.synthetic.geometry import UNNAMED_SHAPES, Spec, place
+from sharedris.data.synthetic.paint import _coverage, _paint_object
+
+SIZE = 128
+WORDS = vocabulary()
+_RELATION = re.compile(r" (?:closest to|next to|nearest to|farthest from|furthest from|far from) ")
+
+
+def _scenes(family: str, n: int = 60, split: str = "test", seed: int = 3) -> SyntheticRefScenes:
+    return SyntheticRefScenes(split, size=SIZE, length=n, seed=seed, families=[family], world="varied",
+                              no_target_phrasings=["colour_shape", "size", "position", "relation", "multi_target"])
+
+
+def _named(words: list[str]) -> tuple[str | None, str | None]:
+    """The colour and shape a noun phrase names ("circles" counts as "circle")."""
+    colour = next((w for w in words if w in COLOURS), None)
+    shape = next((w.removesuffix("s") for w in words if w.removesuffix("s") in SHAPES), None)
+    return colour, shape
+
+
+def _matching(objects: list[dict[str, Any]], words: list[str]) -> list[int]:
+    colour, shape = _named(words)
+    return [i for i, o in enumerate(objects)
+            if (colour is None or o["colour"] == colour) and (shape is None or o["shape"] == shape)]
+
+
+def test_varied_scenes_are_deterministic_and_differ_from_the_flat_world() -> None:
+    a, b = _scenes("colour_shape", 4), _scenes("colour_shape", 4)
+    flat = SyntheticRefScenes("test", size=SIZE, length=4, seed=3, families=["colour_shape"])
+    for i in range(4):
+        assert np.array_equal(np.asarray(a[i]["image"]), np.asarray(b[i]["image"]))
+        assert a[i]["text"] == b[i]["text"] and np.array_equal(a[i]["mask"], b[i]["mask"])
+        assert not np.array_equal(np.asarray(a[i]["image"]), np.asarray(flat[i]["image"]))
+
+
+def test_scenes_hold_1_to_10_objects_unnamed_shapes_and_targets_without_any_confuser() -> None:
+    counts, lone, unnamed = Counter(), 0, 0
+    for s in _scenes("colour_shape", 300):
+        objs, t = s["objects"], s["target"]
+        counts[len(objs)] += 1
+        others = [o for k, o in enumerate(objs) if k != t]
+        lone += all(o["colour"] != objs[t]["colour"] and o["shape"] != objs[t]["shape"] for o in others)
+        unnamed += any(o["shape"] in UNNAMED_SHAPES for o in objs)
+        assert not any(u in s["text"] for u in UNNAMED_SHAPES)
+    assert min(counts) == 1 and max(counts) == 10 and len(counts) == 10
+    assert lone >= 30 and unnamed >= 30
+
+
+def test_colour_shape_and_position_expressions_pick_out_the_target() -> None:
+    for s in _scenes("colour_shape"):
+        assert _matching(s["objects"], s["text"].split()) == [s["target"]] == s["ann_ids"]
+    directions = Counter()
+    for s in _scenes("position", 80):
+        objs, t, text = s["objects"], s["target"], s["text"]
+        cands = [k for k, o in enumerate(objs) if o["shape"] == objs[t]["shape"]]
+        xy = {k: np.array(objs[k]["centre"]) for k in cands}
+        for word, key in (("left", lambda k: xy[k][0]), ("right", lambda k: -xy[k][0]),
+                          ("top", lambda k: xy[k][1]), ("highest", lambda k: xy[k][1]),
+                          ("bottom", lambda k: -xy[k][1]), ("lowest", lambda k: -xy[k][1])):
+            if re.search(rf"\b{word}(most)?\b", text):
+                directions[word] += 1
+                assert min(key(k) for k in cands if k != t) - key(t) >= MARGIN * SIZE - 1e-6
+    assert len(directions) >= 4
+
+
+def test_multi_target_masks_are_every_object_of_the_named_kind() -> None:
+    sizes = set()
+    for s in _scenes("multi_target"):
+        assert sorted(_matching(s["objects"], s["text"].split())) == sorted(s["targets"])
+        labels = np.isin(s["labels"], [t + 1 for t in s["targets"]])
+        assert np.array_equal(labels, s["mask"])
+        sizes.add(len(s["targets"]))
+    assert min(sizes) == 2 and max(sizes) >= 4
+
+
+def test_no_target_expressions_refer_to_nothing_in_the_scene() -> None:
+    unknown = near_miss = 0
+    for s in _scenes("no_target", 200):
+        assert s["no_target"] and not s["mask"].any() and s["targets"] == []
+        words = s["text"].split()
+        if any(w not in WORDS for w in words):  # a word from outside the world
+            unknown += 1
+            assert sum(w not in WORDS for w in words) == 1
+            continue
+        head, *anchor = _RELATION.split(s["text"])
+        missing_head = not _matching(s["objects"], head.split())
+        assert missing_head or (anchor and not _matching(s["objects"], anchor[0].split()))
+        colour, shape = _named(head.split())
+        near_miss += any(o["colour"] == colour or o["shape"] == shape for o in s["objects"])
+    assert 20 <= unknown <= 90 and near_miss >= 60
+
+
+def test_unknown_words_replace_one_content_word_with_one_outside_the_vocabulary() -> None:
+    rng = np.random.default_rng(0)
+    for text in ("the red circle", "all the blue stars", "the small square", "the circle closest to the green star"):
+        for _ in range(20):
+            new = _with_unknown_word(rng, text)
+            changed = [(a, b) for a, b in zip(text.split(), new.split()) if a != b]
+            assert len(changed) == 1 and changed[0][1] not in WORDS
+            if changed[0][0] in {shape + "s" for shape in SHAPES}:  # a plural stays plural
+                assert changed[0][1].endswith("s")
+    assert _with_unknown_word(rng, "the one on the left") is None  # no colour, shape or size word
+    assert all(made_up_word(rng) not in WORDS for _ in range(200))
+
+
+def test_painting_touches_only_the_objects_pixels() -> None:
+    rng = np.random.default_rng(1)
+    specs = [Spec(s, c, 14.0) for s, c in zip(("star", "cross", "circle"), ("red", "blue", "yellow"))]
+    objs, labels = place(specs, SIZE, rng, stretch=(1.6, 1 / 1.6))
+    for antialias in (False, True):
+        canvas = np.full((SIZE, SIZE, 3), 77.0, dtype=np.float32)
+        for k, o in enumerate(objs):
+            _paint_object(canvas, labels, k + 1, o, rng, antialias)
+        changed = (canvas != 77.0).any(axis=2)
+        if antialias:  # coverage may spill into the one-pixel ring around each mask
+            grown = np.zeros_like(changed)
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    grown |= np.roll(labels > 0, (dy, dx), axis=(0, 1))
+            assert not (changed & ~grown).any()
+        else:
+            assert not (changed & (labels == 0)).any()
+            assert changed[labels > 0].mean() > 0.95
+    for k, o in enumerate(objs):  # supersampled coverage adds up to the hard raster's area
+        x, y, w, h = o.bbox
+        alpha = _coverage(o.polygon, x - 1, y - 1, x + w + 1, y + h + 1)
+        assert alpha.sum() == pytest.approx((labels == k + 1).sum(), rel=0.06)
+
+
+def test_training_takes_the_varied_world_by_default_and_refuses_an_unknown_one() -> None:
+    source = build_source(DataConfig(synthetic_train_size=4), "train", train=True)
+    assert source.world == "varied" and "unnamed" in source.description
+    with pytest.raises(ValueError, match="unknown world"):
+        SyntheticRefScenes("train", length=2, world="cartoon")
+    with pytest.raises(ValueError, match="no_target_phrasings"):
+        SyntheticRefScenes("train", length=2, no_target_phrasings=["multi_target"])  # flat world: not allowed
+
+
+def _probe_module() -> Any:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shortcut_probe.py"
+    import sys
+
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("shortcut_probe", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def test_the_probe_finds_a_planted_shortcut_and_none_in_the_varied_world() -> None:
+    probe = _probe_module()
+    scenes = SyntheticRefScenes("train", size=64, length=1200, seed=0, world="varied",
+                                families=["colour_shape", "multi_target", "no_target"],
+                                no_target_phrasings=["colour_shape", "multi_target"])
+    features, has_target = probe.collect(scenes, len(scenes))
+    assert max(probe.probe_auc(features, has_target).values()) < 0.6
+    planted = features.copy()
+    planted[~has_target, 0] += 1  # scenes without a target hold one object more
+    assert max(probe.probe_auc(planted, has_target).values()) > 0.9
