@@ -213,20 +213,23 @@ EMPTY, STRAY = mask("00000"), mask("11000")
 
 @pytest.mark.parametrize(("pred", "gt", "no_target", "expected"), [
     # target predicted present (ReLA's TN): the mask IoU counts; 0.8 reaches P@0.8 exactly
-    (FULL, TARGET, PRESENT, {"cIoU": 0.8, "gIoU": 0.8, "N-acc": 0.0, "T-acc": 1.0,
+    (FULL, TARGET, PRESENT, {"cIoU": 0.8, "gIoU": 0.8, "N-acc": None, "T-acc": 1.0,
                              "P@0.7": 1.0, "P@0.8": 1.0, "P@0.9": 0.0}),
     # target predicted absent (FP): I = 0 whatever the mask, U stays |P ∪ G|
-    (FULL, TARGET, ABSENT, {"cIoU": 0.0, "gIoU": 0.0, "N-acc": 0.0, "T-acc": 0.0,
+    (FULL, TARGET, ABSENT, {"cIoU": 0.0, "gIoU": 0.0, "N-acc": None, "T-acc": 0.0,
                             "P@0.7": 0.0, "P@0.8": 0.0, "P@0.9": 0.0}),
     # no target predicted absent (TP): g = 1 although the mask has pixels; U = 0
-    (STRAY, EMPTY, ABSENT, {"cIoU": 0.0, "gIoU": 1.0, "N-acc": 1.0, "T-acc": 0.0,
-                            "P@0.7": 0.0, "P@0.8": 0.0, "P@0.9": 0.0}),
+    (STRAY, EMPTY, ABSENT, {"cIoU": 0.0, "gIoU": 1.0, "N-acc": 1.0, "T-acc": None,
+                            "P@0.7": None, "P@0.8": None, "P@0.9": None}),
     # no target predicted present (FN): g = 0 although the mask is empty
-    (EMPTY, EMPTY, PRESENT, {"cIoU": 0.0, "gIoU": 0.0, "N-acc": 0.0, "T-acc": 0.0,
-                             "P@0.7": 0.0, "P@0.8": 0.0, "P@0.9": 0.0}),
+    (EMPTY, EMPTY, PRESENT, {"cIoU": 0.0, "gIoU": 0.0, "N-acc": 0.0, "T-acc": None,
+                             "P@0.7": None, "P@0.8": None, "P@0.9": None}),
 ], ids=["target-present", "target-absent", "no-target-absent", "no-target-present"])
 def test_gres_each_decision_case(pred, gt, no_target, expected) -> None:
-    assert compute_gres_metrics([pred], [gt], [no_target]) == pytest.approx(expected)
+    got = compute_gres_metrics([pred], [gt], [no_target])
+    assert {k for k, v in got.items() if v is None} == {k for k, v in expected.items() if v is None}
+    assert {k: v for k, v in got.items() if v is not None} == pytest.approx(
+        {k: v for k, v in expected.items() if v is not None})
 
 
 def test_gres_unions_of_each_case_add_up() -> None:
@@ -270,12 +273,14 @@ def test_gres_random_samples_follow_the_rules() -> None:
     assert 0 < results["N-acc"] < 1 and 0 < results["T-acc"] < 1
 
 
-def test_gres_empty_kinds_score_zero() -> None:
+def test_gres_shares_over_no_samples_do_not_apply() -> None:
     only_targets = compute_gres_metrics([FULL, TARGET], [TARGET, TARGET], [PRESENT, PRESENT])
-    assert only_targets["N-acc"] == 0.0 and only_targets["T-acc"] == 1.0
+    assert only_targets["N-acc"] is None and only_targets["T-acc"] == 1.0
     only_empty = compute_gres_metrics([STRAY, EMPTY], [EMPTY, EMPTY], [ABSENT, ABSENT])
-    assert only_empty == {"cIoU": 0.0, "gIoU": 1.0, "N-acc": 1.0, "T-acc": 0.0,
-                          "P@0.7": 0.0, "P@0.8": 0.0, "P@0.9": 0.0}
+    assert only_empty == {"cIoU": 0.0, "gIoU": 1.0, "N-acc": 1.0, "T-acc": None,
+                          "P@0.7": None, "P@0.8": None, "P@0.9": None}
+    table = format_table({"targets": {**dict.fromkeys(METRIC_KEYS, 0.5), **only_targets}})
+    assert table.splitlines()[1].split()[-2:] == ["-", "100.00"]  # N-acc, T-acc
 
 
 @pytest.mark.parametrize(("threshold", "numerator", "denominator"), [(0.7, 7, 10), (0.8, 4, 5), (0.9, 9, 10)])

@@ -201,6 +201,10 @@ def test_training_run_writes_its_outputs(run_a):
     assert {"loss", "bce", "dice", "lr", "grad_norm", "epoch"} <= set(log[0])
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert [r["step"] for r in json.loads((run / "stem_pretrain.json").read_text())["history"]] == [1, 2]
+    settings = (run / "settings.txt").read_text()
+    params = sum(p.numel() for p in build_model("sharedris_tiny", **TINY_MODEL).parameters())
+    assert f"sharedris_tiny ({params / 1e6:.1f} M parameters) on cpu, world size 1, amp off (fp32)" in settings
+    assert "global batch 8 = 1 x 2 accumulation x 4, 32 samples per epoch, 4 steps per epoch, 2 epochs" in settings
 
     for epoch in (1, 2):
         metrics = json.loads((run / "metrics" / f"epoch_{epoch:03d}.json").read_text())

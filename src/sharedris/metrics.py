@@ -18,7 +18,8 @@ when its mask is empty (gRefCOCO's no-target expressions).
 - ``cIoU`` = ``Σ I_i / Σ U_i`` (0 when ``Σ U_i == 0``); ``gIoU`` = mean of ``g_i``;
   ``N-acc`` = share of no-target samples with ``n_i``; ``T-acc`` = share of target samples
   without ``n_i``; ``P@X`` = share of target samples with ``g_i >= X`` for ``X`` in
-  :data:`GRES_THRESHOLDS`. A share over no samples is 0.
+  :data:`GRES_THRESHOLDS`. A share over no samples is None: the metric does not apply (N-acc
+  without no-target samples; T-acc and P@X without target samples).
 
 All values are fractions in ``[0, 1]``; :func:`format_table` prints them as percentages.
 Which resolution the masks are scored at (LAVT/ReLA: 480x480; CRIS/EVF-SAM: original image
@@ -310,19 +311,20 @@ class GRESMeter(_SummingMeter):
         """Samples added so far (target and no-target)."""
         return self.targets + self.no_targets
 
-    def compute(self) -> dict[str, float]:
-        """Return ``{"cIoU", "gIoU", "N-acc", "T-acc", "P@0.7", "P@0.8", "P@0.9"}`` as fractions in ``[0, 1]``."""
+    def compute(self) -> dict[str, float | None]:
+        """Return ``{"cIoU", "gIoU", "N-acc", "T-acc", "P@0.7", "P@0.8", "P@0.9"}`` as fractions in ``[0, 1]``,
+        None for a share over no samples (N-acc without no-target samples, T-acc and P@X without targets)."""
         count = self.targets + self.no_targets
         if count == 0:
             raise ValueError("no samples were added to the meter; cannot compute metrics")
         results = {
             "cIoU": self.intersection_sum / self.union_sum if self.union_sum else 0.0,
             "gIoU": (self.iou_sum + self.no_targets_found) / count,
-            "N-acc": self.no_targets_found / self.no_targets if self.no_targets else 0.0,
-            "T-acc": self.targets_found / self.targets if self.targets else 0.0,
+            "N-acc": self.no_targets_found / self.no_targets if self.no_targets else None,
+            "T-acc": self.targets_found / self.targets if self.targets else None,
         }
         for threshold, hits in zip(GRES_THRESHOLDS, self.hits):
-            results[f"P@{threshold}"] = hits / self.targets if self.targets else 0.0
+            results[f"P@{threshold}"] = hits / self.targets if self.targets else None
         return results
 
 
@@ -369,6 +371,7 @@ def compute_gres_metrics(preds: Iterable[Mask], gts: Iterable[Mask],
 
     Returns:
         ``{"cIoU", "gIoU", "N-acc", "T-acc", "P@0.7", "P@0.8", "P@0.9"}`` as fractions in ``[0, 1]``
+        (None where a share has no samples)
         (rules in the module docstring).
     """
     meter = GRESMeter()

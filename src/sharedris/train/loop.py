@@ -185,6 +185,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
     ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
         if info.world > 1 else model
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    if info.is_main:
+        _announce_settings(cfg, model, info, amp_dtype, len(train_set), steps_per_epoch, out)
 
     step, best, elapsed = 0, -math.inf, 0.0
     if resuming:
@@ -300,6 +302,20 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write(path, lambda p: p.write_text("".join(kept)))
 
 
+def _announce_settings(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, amp_dtype: torch.dtype | None,
+                       samples: int, steps_per_epoch: int, out: Path) -> None:
+    """Print the settings the run resolved to in one line, and keep it as ``settings.txt`` in the run folder."""
+    params = sum(p.numel() for p in model.parameters())
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "off (fp32)")
+    line = (f"train: {cfg.model} ({params / 1e6:.1f} M parameters) on {info.device}, world size {info.world}, "
+            f"amp {amp}, global batch {cfg.batch_size} = {info.world} x {cfg.grad_accum} accumulation x "
+            f"{cfg.batch_size // (info.world * cfg.grad_accum)}, {samples} samples per epoch, "
+            f"{steps_per_epoch} steps per epoch, {cfg.epochs} epochs")
+    write(line)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "settings.txt", lambda p: p.write_text(line + "\n"))
+
+
 def _validate(cfg: TrainConfig, model, val_source, tokenizer, info: DistInfo, amp_dtype, epoch: int, step: int,
               best: float, out: Path) -> float:
     """Evaluate on the val split on all ranks; rank 0 writes the metrics and keeps ``best/``.
@@ -314,11 +330,11 @@ def _validate(cfg: TrainConfig, model, val_source, tokenizer, info: DistInfo, am
         atomic_write(out / "metrics" / f"epoch_{epoch:03d}.json",
                      lambda p: p.write_text(json.dumps(result, indent=2)))
         overall = result["overall"]
-        write(f"epoch {epoch}: val oIoU {overall['oIoU']:.4f} mIoU {overall['mIoU']:.4f} "
-              f"gIoU {overall['gIoU']:.4f} N-acc {overall['N-acc']:.4f}")
-        if overall[cfg.select_on] > best:
+        shown = {k: "-" if overall[k] is None else f"{overall[k]:.4f}" for k in ("oIoU", "mIoU", "gIoU", "N-acc")}
+        write(f"epoch {epoch}: val " + " ".join(f"{k} {v}" for k, v in shown.items()))
+        if (overall[cfg.select_on] or 0.0) > best:
             save_pretrained(model, out / "best")
-    return max(best, result["overall"][cfg.select_on])
+    return max(best, result["overall"][cfg.select_on] or 0.0)
 
 
 def _save_resume(cfg: TrainConfig, model, optimizer, scheduler, scaler, step: int, best: float, elapsed: float,
