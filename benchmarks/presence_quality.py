@@ -12,19 +12,23 @@
   only per family.
 
     python benchmarks/presence_quality.py default --split test
+    python benchmarks/presence_quality.py default --heldout      # the held-out renderer, every variant
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from sharedris import Predictor, load_pretrained
 from sharedris.data.config import DataConfig
+from sharedris.data.heldout import VARIANTS
 from sharedris.data.registry import build_source
 from sharedris.data.synthetic import FAMILIES
+from sharedris.progress import progress
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -56,25 +60,34 @@ def main() -> None:
     ap.add_argument("model", help="checkpoint folder or 'default'")
     ap.add_argument("--split", default="test", choices=["val", "test"])
     ap.add_argument("--scenes", type=int, default=1200, help="scenes of the split (200 per family at 1,200)")
-    ap.add_argument("--styles", default="texture", help="background styles, comma-separated (as eval --styles)")
+    ap.add_argument("--world", default="varied", choices=["varied", "flat"], help="the generator's world (as eval --world)")
+    ap.add_argument("--styles", default="texture", help="flat world: background styles, comma-separated (as eval --styles)")
+    ap.add_argument("--heldout", action="store_true",
+                    help="score the held-out renderer's variants instead (SCENES per variant; --split ignored)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     predictor = Predictor(load_pretrained(args.model))
     # the same scenes as `sharedris eval --dataset synthetic --split SPLIT --num-samples SCENES`
+    # (with --heldout: as `sharedris eval --dataset synthetic --renderer heldout --num-samples SCENES`)
     data = DataConfig(synthetic_image_size=predictor.config.image_size, synthetic_eval_size=args.scenes,
-                      synthetic_styles=tuple(args.styles.split(",")))
-    scenes = build_source(data, args.split, train=False)
+                      synthetic_styles=tuple(args.styles.split(",")), synthetic_world=args.world)
+    if args.heldout:
+        sources = [build_source(replace(data, synthetic_renderer="heldout", synthetic_heldout_variant=v), "test", False)
+                   for v in VARIANTS]
+    else:
+        sources = [build_source(data, args.split, train=False)]
+    count = sum(len(source) for source in sources)
+    scenes = (source[i] for source in sources for i in range(len(source)))
     present, has_target, predicted_iou, real_iou = [], [], [], []
     no_match: dict[str, list[bool]] = {}  # no-target expressions answered "no match", by phrasing
     inter = union = 0  # single-target families, answered masks
-    for i in range(len(scenes)):
-        sample = scenes[i]
+    for sample in progress(scenes, total=count, desc="scenes"):
         out = predictor.predict(sample["image"], sample["text"], return_probs=True)
         gt = sample["mask"]
         present.append(float(out.present[0]))
         has_target.append(bool(gt.any()))
-        if sample["no_target"]:
+        if not gt.any() and sample["family"] != "unknown_word":
             no_match.setdefault(sample["phrased_as"], []).append(not out.matched[0])
         if gt.any():
             mask = out.probs[0] > 0.5
@@ -89,7 +102,8 @@ def main() -> None:
     predicted_iou_a, real_iou_a = np.array(predicted_iou), np.array(real_iou)
     rho = spearman(predicted_iou_a, real_iou_a)
     good = real_iou_a >= 0.5
-    print(f"{args.model}: {args.split} split, {len(scenes)} scenes ({has_target_a.sum()} with a target, "
+    where = "held-out renderer, every variant" if args.heldout else f"{args.world} world, {args.split} split"
+    print(f"{args.model}: {where}, {count} scenes ({has_target_a.sum()} with a target, "
           f"{(~has_target_a).sum()} without)")
     print(f"presence ROC AUC (target vs no-target):       {auc:.4f}")
     for family in FAMILIES:

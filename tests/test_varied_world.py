@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -178,3 +179,28 @@ def test_the_probe_finds_a_planted_shortcut_and_none_in_the_varied_world() -> No
     planted = features.copy()
     planted[~has_target, 0] += 1  # scenes without a target hold one object more
     assert max(probe.probe_auc(planted, has_target).values()) > 0.9
+
+
+def _eval(capsys, *argv: str) -> tuple[int, str, str]:
+    from sharedris.cli import main
+
+    try:
+        main(["eval", *argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_scores_the_varied_world_unless_told_flat(tmp_path, capsys) -> None:
+    reports = {}
+    for world in ("varied", "flat"):
+        out = tmp_path / f"{world}.json"
+        argv = ["--num-samples", "6", "--out", str(out)] + (["--world", world] if world == "flat" else [])
+        code, _, err = _eval(capsys, *argv)
+        assert code == 0, err
+        reports[world] = json.loads(out.read_text())
+    assert reports["varied"] != reports["flat"] and reports["varied"]["num_samples"] == 6
+    code, _, err = _eval(capsys, "--styles", "plain")  # flat-world backgrounds asked of the varied world
+    assert code == 2 and "add --world flat" in err and len(err.strip().splitlines()) == 1

@@ -290,7 +290,7 @@ def _heldout_variants(args: argparse.Namespace) -> list[str]:
 
     if args.dataset != "synthetic":
         raise UserError(f"--renderer heldout draws synthetic scenes; it cannot score --dataset {args.dataset}")
-    for flag, value in (("--split", args.split), ("--styles", args.styles),
+    for flag, value in (("--split", args.split), ("--styles", args.styles), ("--world", args.world),
                         ("--synthetic-image-size", args.synthetic_image_size)):
         if value is not None:
             raise UserError(f"{flag} does not apply to --renderer heldout, which draws its own variants "
@@ -314,6 +314,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     variants = _heldout_variants(args) if heldout else []
     if args.variants is not None and not heldout:
         raise UserError("--variants chooses variants of the held-out renderer; add --renderer heldout")
+    if args.styles and args.world != "flat":
+        raise UserError("--styles chooses the backgrounds of the flat world; add --world flat")
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -326,6 +328,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         data = DataConfig(dataset=args.dataset, root=args.root, split_by=args.split_by,
                           synthetic_image_size=args.synthetic_image_size or cfg.image_size,
                           synthetic_eval_size=args.num_samples or GENERATOR_SAMPLES, seed=args.seed,
+                          synthetic_world=args.world or "varied",
                           **({"synthetic_styles": args.styles} if args.styles else {}))
         runs = [(split, data, split) for split in args.split or ["test"]]
     rows, report = {}, {}
@@ -520,9 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--variants", type=_name_list, default=None,
                     help="--renderer heldout: comma-separated variants among few, lone, crowded, pastel, jpeg, "
                          "wide, tall (default: all), each scored like a split")
+    ev.add_argument("--world", choices=["varied", "flat"], default=None,
+                    help="synthetic: the generator's world (default: varied, what the default model was last "
+                         "trained on; flat: the first recipes' scenes)")
     ev.add_argument("--styles", type=lambda s: tuple(_name_list(s)), default=None,
-                    help="synthetic: background styles drawn per scene, comma-separated, among texture, plain, "
-                         "gradient, stripes (default: texture)")
+                    help="synthetic, --world flat: background styles drawn per scene, comma-separated, among "
+                         "texture, plain, gradient, stripes (default: texture)")
     ev.add_argument("--synthetic-image-size", type=int, default=None, help="synthetic: scene size (default: model size)")
     ev.add_argument("--seed", type=int, default=0, help="synthetic: dataset seed")
     ev.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
