@@ -195,15 +195,16 @@ def test_csv_manifest(tmp_path, model_dir, fp32):
         writer = csv.writer(f)
         writer.writerow(["image", "text", "id"])
         writer.writerows([["0.png", "the red box", "a"], ["0.png", "the left one, big", "b"], ["1.png", "x"],
-                          ["2.png", "", "d"], ["2.png", "the box", ""]])
+                          ["2.png", "", "d"], ["2.png", "the box", ""], ["2.png", "y", "e", "extra"], ["2.png"]])
     result = _run("--manifest", "pairs.csv", "-o", "out", "--model", str(model_dir), "--precision", "fp32",
                   "--workers", "0", cwd=tmp_path)
     assert result.returncode == 2
     got = _results(tmp_path / "out")
-    assert [(r["id"], r["text_index"], r["text"]) for r in got] == [("a", 0, "the red box"),
-                                                                    ("b", 0, "the left one, big"), (6, 0, "the box")]
+    assert [(r["id"], r["text_index"], r["text"]) for r in got] == [
+        ("a", 0, "the red box"), ("b", 0, "the left one, big"), (4, 0, "x"), (6, 0, "the box")]  # no id: the line
     assert [(e["line"], e["reason"].split(";")[0]) for e in _errors(tmp_path / "out")] == [
-        (4, "the row has 2 field(s) but the header has 3"), (5, "expression 1 is empty")]
+        (5, "expression 1 is empty"), (7, "the row has 4 field(s) but the header has 3"),
+        (8, "the row has 1 field(s) but the header has 3")]
     same = fp32.predict(tmp_path / "0.png", ["the red box", "the left one, big"])
     assert [r["rle"] for r in got[:2]] == [encode_rle(m) for m in same.masks]
     (tmp_path / "bad.csv").write_text("path,text\na.png,x\n")

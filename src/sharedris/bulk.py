@@ -196,7 +196,9 @@ def _csv_entries(path: Path) -> Iterator[tuple[int, Any]]:
                 line, start = start, reader.line_num + 1
                 if not any(v.strip() for v in record):
                     continue
-                if len(record) != len(header):
+                # trailing optional columns (id) may be left out
+                needed = max(header.index("image"), header.index("text")) + 1
+                if not needed <= len(record) <= len(header):
                     yield line, BadRow(line, f"the row has {len(record)} field(s) but the header has {len(header)}")
                     continue
                 values = dict(zip(header, record))
