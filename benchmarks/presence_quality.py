@@ -4,9 +4,10 @@
   from no-target expressions (1 = every target expression scores above every no-target one).
 - Presence per kind of phrasing: N-acc (share answered "no match") of the no-target expressions,
   by the target family whose grammar each follows ("the red circle" is phrased as colour + shape).
-- Quality: Spearman rank correlation between the predicted IoU and the real IoU of each target
-  expression's mask (scored at the image size, before the presence threshold empties any mask),
-  and the ROC AUC of the predicted IoU separating good masks (real IoU >= 0.5) from failures.
+- Quality: Spearman rank correlation between the predicted IoU (``scores``) and the real IoU of
+  each mask the model answers a target expression with (at the image size; a "no match" answer
+  has no mask, and its score is 0 by definition, so it is left out), and the ROC AUC of the
+  predicted IoU separating good masks (real IoU >= 0.5) from failures.
 - Also the oIoU over the four single-target families together (colour + shape, size, position,
   relation), with the answered masks (emptied on "no match"), which ``sharedris eval`` reports
   only per family.
@@ -83,16 +84,16 @@ def main() -> None:
     no_match: dict[str, list[bool]] = {}  # no-target expressions answered "no match", by phrasing
     inter = union = 0  # single-target families, answered masks
     for sample in progress(scenes, total=count, desc="scenes"):
-        out = predictor.predict(sample["image"], sample["text"], return_probs=True)
+        out = predictor.predict(sample["image"], sample["text"])
         gt = sample["mask"]
         present.append(float(out.present[0]))
         has_target.append(bool(gt.any()))
         if not gt.any() and sample["family"] != "unknown_word":
             no_match.setdefault(sample["phrased_as"], []).append(not out.matched[0])
-        if gt.any():
-            mask = out.probs[0] > 0.5
+        if gt.any() and out.matched[0]:
+            mask = out.masks[0]
             predicted_iou.append(float(out.scores[0]))
-            real_iou.append((mask & gt).sum() / max((mask | gt).sum(), 1))
+            real_iou.append((mask & gt).sum() / (mask | gt).sum())
         if sample["family"] in FAMILIES:
             answered = out.masks[0]
             inter += int((answered & gt).sum())
@@ -111,7 +112,7 @@ def main() -> None:
             answers = no_match[family]
             print(f"  N-acc of no-target expressions phrased as {family + ':':<13} {np.mean(answers):.3f} "
                   f"({len(answers)})")
-    print(f"predicted IoU vs real IoU, Spearman (targets): {rho:.4f}")
+    print(f"predicted IoU vs real IoU, Spearman (answered targets, {len(real_iou_a)}): {rho:.4f}")
     print(f"predicted IoU, ROC AUC of IoU >= 0.5 vs < 0.5:  {roc_auc(predicted_iou_a[good], predicted_iou_a[~good]):.4f} "
           f"({good.sum()} vs {(~good).sum()} masks)")
     print(f"oIoU over the four single-target families:    {inter / max(union, 1):.4f}")
