@@ -230,6 +230,12 @@ def test_serve_port_in_use_is_one_sentence(capsys, monkeypatch):
     _assert_one_sentence(code, err, "serve", f"127.0.0.1:{port}", "in use")
 
 
+def test_an_architecture_with_bundled_weights_loads_by_name():
+    named, default = load_pretrained("sharedris_tiny"), load_pretrained("default")
+    assert named.config == default.config
+    assert all(torch.equal(a, b) for a, b in zip(named.state_dict().values(), default.state_dict().values()))
+
+
 def test_load_pretrained_of_an_architecture_name_says_how_to_get_weights():
     with pytest.raises(PretrainedError) as info:
         load_pretrained("sharedris_base")

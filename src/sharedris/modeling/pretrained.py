@@ -98,8 +98,14 @@ def _upgrade_v2(model: dict) -> dict:
     return {**model, "decoder": {"iou_from_mask": False, **model.get("decoder", {})}}
 
 
+# Registry names whose trained weights ship inside the package, and the bundled folder holding them.
+BUNDLED = {"default": "default", "sharedris_tiny": "default"}
+
+
 def read_checkpoint(path: str | Path = "default") -> tuple[Path, ModelConfig, dict[str, torch.Tensor]]:
-    """The folder, model config and weights of a checkpoint folder (or ``"default"``), without building the model.
+    """The folder, model config and weights of a checkpoint folder (or a name in ``BUNDLED``:
+    ``"default"``, or ``"sharedris_tiny"``, whose weights are the default's), without building the model.
+    Those names always mean the bundled weights: a folder so named is ``./default``.
 
     Older formats' configs are upgraded. Whether the weights fit the config is left to the caller
     (:func:`load_pretrained` checks it against the model it builds).
@@ -107,9 +113,10 @@ def read_checkpoint(path: str | Path = "default") -> tuple[Path, ModelConfig, di
     Raises:
         PretrainedError: no such folder, or a folder without a readable sharedris config and weights.
     """
-    folder = assets_dir() / "default" if str(path) == "default" else Path(path)
+    folder = assets_dir() / BUNDLED[str(path)] if str(path) in BUNDLED else Path(path)
     if not folder.exists() and str(path) in MODELS:
-        raise PretrainedError(f"no weights ship for the architecture {path}: only 'default' is bundled; train "
+        raise PretrainedError(f"no weights ship for the architecture {path}: only 'default' (= sharedris_tiny) "
+                              "is bundled; train "
                               f"one (sharedris train model={path} ...; `sharedris fetch weights beit3_base` gets "
                               "the BEiT-3 encoder initialisation, see docs/real-photos.md) and load its folder")
     if not folder.is_dir():
@@ -139,7 +146,7 @@ def read_checkpoint(path: str | Path = "default") -> tuple[Path, ModelConfig, di
 
 
 def load_pretrained(path: str | Path = "default", device: torch.device | str = "cpu") -> SharedRIS:
-    """Rebuild a model from a checkpoint folder (or ``"default"``), in eval mode.
+    """Rebuild a model from a checkpoint folder (or ``"default"`` / ``"sharedris_tiny"``), in eval mode.
 
     The returned model carries ``config`` (its :class:`ModelConfig`) and ``tokenizer_file`` (the
     folder's tokenizer).
