@@ -256,7 +256,7 @@ def test_styles_change_the_background_only() -> None:
     n = 24
     default = SyntheticRefScenes("train", size=SIZE, length=n, seed=1)
     styled = build_source(DataConfig(synthetic_image_size=SIZE, synthetic_train_size=n, seed=1,
-                                     synthetic_styles=STYLES), "train", train=True)
+                                     synthetic_styles=STYLES, synthetic_world="flat"), "train", train=True)
     seen = set()
     for i in range(n):
         a, b = default[i], styled[i]

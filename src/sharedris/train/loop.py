@@ -185,8 +185,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
     ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
         if info.world > 1 else model
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    settings = _settings_line(cfg, model, info, amp_dtype, len(train_set), steps_per_epoch)
     if info.is_main:
-        _announce_settings(cfg, model, info, amp_dtype, len(train_set), steps_per_epoch, out)
+        write(settings)
 
     step, best, elapsed = 0, -math.inf, 0.0
     if resuming:
@@ -215,6 +216,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
             if summary is not None:
                 atomic_write(out / "stem_pretrain.json", lambda p: p.write_text(json.dumps(summary)))
 
+    if info.is_main:
+        atomic_write(out / "settings.txt", lambda p: p.write_text(settings + "\n"))
     bar = progress(total=total_steps, initial=step, desc="train", disable=not info.is_main, dynamic_ncols=True)
     log_file = (out / "log.jsonl").open("a") if info.is_main else None
     loader_gen = torch.Generator()  # DataLoader base seeds must not draw from the global RNG
@@ -302,18 +305,15 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write(path, lambda p: p.write_text("".join(kept)))
 
 
-def _announce_settings(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, amp_dtype: torch.dtype | None,
-                       samples: int, steps_per_epoch: int, out: Path) -> None:
-    """Print the settings the run resolved to in one line, and keep it as ``settings.txt`` in the run folder."""
+def _settings_line(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, amp_dtype: torch.dtype | None,
+                   samples: int, steps_per_epoch: int) -> str:
+    """The settings the run resolved to, in one line (printed at start, kept as ``settings.txt``)."""
     params = sum(p.numel() for p in model.parameters())
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "off (fp32)")
-    line = (f"train: {cfg.model} ({params / 1e6:.1f} M parameters) on {info.device}, world size {info.world}, "
+    return (f"train: {cfg.model} ({params / 1e6:.1f} M parameters) on {info.device}, world size {info.world}, "
             f"amp {amp}, global batch {cfg.batch_size} = {info.world} x {cfg.grad_accum} accumulation x "
             f"{cfg.batch_size // (info.world * cfg.grad_accum)}, {samples} samples per epoch, "
             f"{steps_per_epoch} steps per epoch, {cfg.epochs} epochs")
-    write(line)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "settings.txt", lambda p: p.write_text(line + "\n"))
 
 
 def _validate(cfg: TrainConfig, model, val_source, tokenizer, info: DistInfo, amp_dtype, epoch: int, step: int,
