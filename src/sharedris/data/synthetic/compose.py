@@ -45,7 +45,6 @@ from sharedris.data.synthetic.families import (
     CENTRE_RADIUS,
     MARGIN,
     MULTI_TARGET,
-    NO_TARGET,
     SIZE_RATIO,
     _phrasings,
     _pick,
@@ -347,6 +346,3 @@ def _with_unknown_word(rng: np.random.Generator, text: str) -> str | None:
     plural = kind == "shape" and words[i].endswith("s") and words[i][:-1] in SHAPES
     words[i] = new + "s" if plural else new
     return " ".join(words)
-
-
-__all__ = ["NO_TARGET", "OUT_OF_WORLD", "absent_texts", "draw_stretch", "made_up_word", "target_scene"]
