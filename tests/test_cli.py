@@ -269,3 +269,20 @@ def test_help_shows_defaults_and_choices():
     assert "cpu, cuda or cuda:N" in predict_help and "(default: predictions)" in predict_help
     eval_help = " ".join(parsers["sharedris eval"].format_help().split())
     assert "synthetic" in eval_help and "refcoco" in eval_help
+
+
+def test_loading_initialises_no_random_weights_and_gives_a_trainable_fp32_model(monkeypatch):
+    reference = load_pretrained("default")
+    draws = []
+    real = torch.nn.init.trunc_normal_
+
+    def counting(tensor, *args, **kwargs):
+        draws.append(tensor.device.type)
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "trunc_normal_", counting)
+    model = load_pretrained("default")
+    assert draws and set(draws) == {"meta"}  # the model is built without memory, then takes the file's tensors
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(p.requires_grad and p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))

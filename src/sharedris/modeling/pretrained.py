@@ -149,10 +149,12 @@ def load_pretrained(path: str | Path = "default", device: torch.device | str = "
     """Rebuild a model from a checkpoint folder (or ``"default"`` / ``"sharedris_tiny"``), in eval mode.
 
     The returned model carries ``config`` (its :class:`ModelConfig`) and ``tokenizer_file`` (the
-    folder's tokenizer).
+    folder's tokenizer). The model is built without memory (on the meta device) and takes the file's
+    tensors as its weights, in fp32: no random initialisation, about one model's memory at the peak.
     """
     folder, cfg, state = read_checkpoint(path)
-    model = build_model(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg)
     expected = model.state_dict()
     mismatched = sorted(k for k in expected if k not in state or state[k].shape != expected[k].shape)
     unexpected = sorted(set(state) - set(expected))
@@ -167,7 +169,8 @@ def load_pretrained(path: str | Path = "default", device: torch.device | str = "
         names = (mismatched + unexpected)[:3]
         raise PretrainedError(f"{folder / WEIGHTS_FILE} does not fit the architecture in {CONFIG_FILE} "
                               f"(e.g. {names}); the weights belong to another model")
-    model.load_state_dict(state)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
+    model.requires_grad_(True)  # as a freshly built model: the assigned tensors came without gradients
     model.tokenizer_file = folder / cfg.tokenizer
     model.vocabulary, model.description = _read_vocabulary(folder)
     if not model.tokenizer_file.is_file():
