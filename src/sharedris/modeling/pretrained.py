@@ -150,7 +150,7 @@ def load_pretrained(path: str | Path = "default", device: torch.device | str = "
 
     The returned model carries ``config`` (its :class:`ModelConfig`) and ``tokenizer_file`` (the
     folder's tokenizer). The model is built without memory (on the meta device) and takes the file's
-    tensors as its weights, in fp32: no random initialisation, about one model's memory at the peak.
+    tensors as its weights, in fp32: no random initialisation and no second copy of the model.
     """
     folder, cfg, state = read_checkpoint(path)
     with torch.device("meta"):
