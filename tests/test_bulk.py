@@ -364,3 +364,20 @@ def test_present_pairs_with_an_empty_mask_are_no_match_scored_0(tmp_path, empty_
     assert [(r["matched"], r["score"], r["mask_png"]) for r in got] == [(False, 0.0, None)] * len(TEXTS)
     assert all(r["present"] > 0.99 and r["rle"] == encode_rle(np.zeros((14, 20), dtype=bool)) for r in got)
     assert not list((tmp_path / "out").glob("*_mask.png"))
+
+
+def test_bulk_names_the_words_the_model_does_not_know(tmp_path):
+    model = save_tiny_model(tmp_path / "known", vocabulary=["the", "red", "box"], description="shape scenes")
+    for i in range(2):
+        scene(24, 16, seed=i).save(tmp_path / f"{i}.png")
+    rows = ['{"image": "0.png", "texts": ["the red box", "the cat"]}', '{"image": "1.png", "texts": ["a red dog"]}']
+    (tmp_path / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    result = _run("--manifest", "pairs.jsonl", "-o", "out", "--model", str(model), "--precision", "fp32",
+                  "--workers", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [r["unknown_words"] for r in _results(tmp_path / "out")] == [[], ["cat"], ["a", "dog"]]
+    warnings = [line for line in result.stderr.splitlines() if "does not know" in line]
+    assert warnings == ["the model known was trained on shape scenes and does not know: cat, a, dog"]
+    summary = predict_manifest(Predictor(load_pretrained(model)), tmp_path / "pairs.jsonl", tmp_path / "again",
+                               workers=0, show_progress=False)
+    assert summary.unknown_words == ("cat", "a", "dog") and summary.written == 3

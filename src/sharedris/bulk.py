@@ -117,13 +117,15 @@ ManifestInput = Union[str, Path, Iterable[Mapping[str, Any]], Manifest]
 @dataclass(frozen=True)
 class BulkSummary:
     """What a bulk run did, over all ranks: pairs written now, pairs skipped because an earlier run
-    wrote them, rows that failed (listed in ``errors``)."""
+    wrote them, rows that failed (listed in ``errors``), and the words of the expressions written
+    now that the model does not know (first seen first; empty for an open vocabulary)."""
 
     written: int
     skipped: int
     failed: int
     results: Path
     errors: Path
+    unknown_words: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------ manifests
@@ -425,6 +427,7 @@ class _Run:
         # batches in the model, oldest first: their outputs are taken in this order, so lines stay in order
         self.running: deque[tuple[list[tuple[_Job, int]], Future[SegmenterOutput]]] = deque()
         self.written = self.failed = 0
+        self.unknown: dict[str, None] = {}  # unknown words met, in order
 
     def fail(self, row: Row | BadRow, reason: str | None = None) -> None:
         bad = row if isinstance(row, BadRow) else BadRow(row.line, reason or "", row.id, row.image)
@@ -496,10 +499,11 @@ class _Run:
 
     def _write(self, job: _Job) -> None:
         output = SegmenterOutput(*(torch.cat(parts) for parts in zip(*job.outputs)))
-        pred = self.predictor.postprocess(output, *job.size)
+        pred = self.predictor.postprocess(output, *job.size, texts=[job.row.texts[k] for k in job.pending])
         image = load_image(job.row.path) if self.save_png else None
         for n, k in enumerate(job.pending):
             record = _record(job.row, k, pred, n)
+            self.unknown.update(dict.fromkeys(record["unknown_words"]))
             if image is not None:  # PNGs first: a line in results.jsonl means its files are complete
                 record.update(self._pngs(job.row, k, image, pred, n))
             self.results.write(record)
@@ -527,7 +531,7 @@ def _record(row: Row, k: int, pred: Prediction, n: int) -> dict[str, Any]:
     return {"id": row.id, "text_index": k, "image": row.image, "text": row.texts[k],
             "matched": bool(pred.matched[n]), "present": round(float(pred.present[n]), 4),
             "score": round(float(pred.scores[n]), 4), "height": int(height), "width": int(width),
-            "rle": encode_rle(pred.masks[n])}
+            "rle": encode_rle(pred.masks[n]), "unknown_words": pred.unknown_words[n]}
 
 
 def _world_size() -> int:
@@ -581,8 +585,9 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
     """Segment every (image, expression) pair of ``manifest`` into ``out_dir/results.jsonl``.
 
     Each results line is ``{"id", "text_index", "image", "text", "matched", "present", "score",
-    "height", "width", "rle"}`` (COCO RLE at the displayed size, empty where ``matched`` is false:
-    the expression matches nothing); bad rows go to ``out_dir/errors.jsonl`` as
+    "height", "width", "rle", "unknown_words"}`` (COCO RLE at the displayed size, empty where
+    ``matched`` is false: the expression matches nothing; the expression's words the model does
+    not know); bad rows go to ``out_dir/errors.jsonl`` as
     ``{"line", "id", "image", "reason"}``. Pairs already in ``results.jsonl`` are skipped, so a
     rerun after a crash continues where it stopped; ``errors.jsonl`` is rewritten by every run and
     lists the rows that failed in it. Under torchrun every rank calls this; see the module docstring.
@@ -656,9 +661,12 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
         errors.close()
 
     counts = torch.tensor([run.written, skipped, run.failed], device=model.device)
+    unknown = [list(run.unknown)]
     if world > 1:
         dist.barrier()  # every part is complete
         dist.all_reduce(counts)
+        unknown = [None] * world
+        dist.all_gather_object(unknown, list(run.unknown))
         if rank == 0:
             _merge_results(out, manifest)
             _merge_errors(out, [out / f"errors.rank{r}.jsonl" for r in range(world)])
@@ -666,4 +674,5 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
     else:
         _merge_errors(out, [errors_path])
     written, skipped, failed = (int(c) for c in counts.tolist())
-    return BulkSummary(written, skipped, failed, out / RESULTS, out / ERRORS)
+    words = tuple(dict.fromkeys(w for part in unknown for w in part))
+    return BulkSummary(written, skipped, failed, out / RESULTS, out / ERRORS, words)

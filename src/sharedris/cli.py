@@ -254,6 +254,7 @@ def _predict_bulk(args: argparse.Namespace, device: torch.device) -> None:
     """Many images or a manifest: results.jsonl (and errors.jsonl) in the output folder, resumable."""
     from sharedris.bulk import image_rows, predict_manifest, rank_device, read_manifest
     from sharedris.predictor import Predictor
+    from sharedris.render import unknown_words_line
     from sharedris.train.distributed import cleanup_distributed
 
     manifest = read_manifest(args.manifest if args.manifest is not None else image_rows(args.image, args.text))
@@ -271,9 +272,13 @@ def _predict_bulk(args: argparse.Namespace, device: torch.device) -> None:
         cleanup_distributed()
     if not main_rank:
         return
+    warning = unknown_words_line(args.model, predictor.description, [summary.unknown_words])
+    if warning:
+        print(warning, file=sys.stderr)
     if args.json:
         print(json.dumps({"written": summary.written, "skipped": summary.skipped, "failed": summary.failed,
-                          "results": str(summary.results), "errors": str(summary.errors)}))
+                          "results": str(summary.results), "errors": str(summary.errors),
+                          "unknown_words": list(summary.unknown_words)}))
     else:
         print(f"{summary.written} pair(s) written, {summary.skipped} skipped as already done, "
               f"{summary.failed} row(s) failed -> {summary.results}")
