@@ -1,7 +1,10 @@
 """Deterministic procedural referring scenes: the default dataset, CPU benchmark and test fixture source.
 
-Every sample is a textured image with 3-6 flat shapes, one referring expression and the boolean
-mask of what it refers to. Four families (``FAMILIES``) identify exactly one object (the target),
+Every sample is an image of coloured shapes, one referring expression and the boolean mask of what
+it refers to. Two worlds (``WORLDS``): ``flat``, 3-6 flat shapes in layouts built around each
+expression, and ``varied``, 1-10 objects drawn independently or as constructed hard cases, with
+unnamed shapes and many renderings (``compose`` and ``paint``), in which nothing but the
+expression tells whether anything matches. Four families (``FAMILIES``) identify exactly one object (the target),
 each built so that no single cue solves it (distractors share the target's colour or shape):
 ``colour_shape`` ("the red circle"), ``size`` ("the small square"), ``position`` ("the leftmost
 star") and ``relation`` ("the circle closest to the purple triangle"). ``GENERAL_FAMILIES`` adds
@@ -15,7 +18,9 @@ Modules, by job:
 
 - ``geometry``: the shapes and colours, unit polygons, rasterising and non-overlapping placement.
 - ``families``: the expression families: which objects a scene gets, templates and resolvers.
-- ``scene``: laying out one scene until its expression is unambiguous, and painting its image.
+- ``scene``: laying out one scene until its expression is unambiguous, and painting a flat-world image.
+- ``compose``: the varied world's layouts and expressions (independent objects, absent and unknown words).
+- ``paint``: the varied world's rendering (backgrounds, shades, outlines, anti-aliasing, damage).
 - ``dataset``: :class:`SyntheticRefScenes` and its sample type :class:`SyntheticSample`.
 - ``refer_format``: :func:`write_refer_format`, the same scenes in the RefCOCO refer layout.
 """
