@@ -4,8 +4,10 @@ Every sample is an image of coloured shapes, one referring expression and the bo
 it refers to. Two worlds (``WORLDS``): ``flat``, 3-6 flat shapes in layouts built around each
 expression, and ``varied``, 1-10 objects drawn independently or as constructed hard cases, with
 unnamed shapes and many renderings (``compose`` and ``paint``), in which nothing but the
-expression tells whether anything matches. Four families (``FAMILIES``) identify exactly one object (the target),
-each built so that no single cue solves it (distractors share the target's colour or shape):
+expression tells whether anything matches.
+
+Four families (``FAMILIES``) identify exactly one object (the target); in the flat world each is
+built so that no single cue solves it (distractors share the target's colour or shape):
 ``colour_shape`` ("the red circle"), ``size`` ("the small square"), ``position`` ("the leftmost
 star") and ``relation`` ("the circle closest to the purple triangle"). ``GENERAL_FAMILIES`` adds
 generalised referring: ``no_target`` (an expression of those four whose referent is missing from
