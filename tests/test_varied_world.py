@@ -148,7 +148,7 @@ def test_painting_touches_only_the_objects_pixels() -> None:
 
 def test_training_takes_the_varied_world_by_default_and_refuses_an_unknown_one() -> None:
     source = build_source(DataConfig(synthetic_train_size=4), "train", train=True)
-    assert source.world == "varied" and "unnamed" in source.description
+    assert source.world == "varied" and "among unnamed crosses, arrows or hearts" in source.description
     with pytest.raises(ValueError, match="unknown world"):
         SyntheticRefScenes("train", length=2, world="cartoon")
     with pytest.raises(ValueError, match="no_target_phrasings"):

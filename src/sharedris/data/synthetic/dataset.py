@@ -35,10 +35,13 @@ def _listing(words: list[str], last: str = "and") -> str:
 def _description(styles: Sequence[str], world: str = "flat") -> str:
     """What the scenes are, in one phrase that reads after "trained on"."""
     if world == "varied":
+        unnamed = [s + ("es" if s.endswith("s") else "s") for s in UNNAMED_SHAPES]
+        kinds = {"plain": "plain grey", "light": "light", "dark": "dark", "tinted": "tinted", "gradient": "graded",
+                 "texture": "textured", "noisy": "noisy"}
         return (f"synthetic shape scenes: 1 to 10 {_listing([s + 's' for s in SHAPES])} in shades of "
-                f"{_listing(list(COLOURS))}, among unnamed {_listing([s + 's' for s in UNNAMED_SHAPES], 'or')}, "
-                f"on {_listing(list(BACKGROUNDS), 'or')} backgrounds, with hard or soft edges, outlines, "
-                "shading, blur, noise and JPEG artefacts")
+                f"{_listing(list(COLOURS))}, among unnamed {_listing(unnamed, 'or')}, "
+                f"on {_listing([kinds[b] for b in BACKGROUNDS], 'or')} backgrounds, with hard or soft edges, "
+                "outlines, shading, blur, noise and JPEG artefacts")
     backgrounds = {"texture": "textured", "plain": "plain", "gradient": "graded", "stripes": "striped"}
     kinds = _listing([backgrounds[s] for s in dict.fromkeys(styles)], "or")
     return (f"synthetic shape scenes: 3 to 6 flat-coloured {_listing([s + 's' for s in SHAPES])} in "
