@@ -41,13 +41,15 @@ MiB = 1024 * 1024
 EXAMPLE_IMAGE = "example.png"  # a synthetic test scene, shipped in static/ for the demo page
 EXAMPLE_TEXTS = ("the blue diamond", "all the red shapes", "the red circle")
 DEFAULT_MODEL_DESCRIPTION = (
-    "The default model is small and was trained only on synthetic scenes of flat shapes on grey "
-    "backgrounds, so it knows that world and nothing else (not photos). It knows colours "
-    f"({', '.join(COLOURS)}), shapes ({', '.join(SHAPES)}), sizes (small, big, large, the smallest, "
+    "The default model is small and was trained only on synthetic scenes of coloured shapes (1 to 10 "
+    "per picture, drawn in many styles), so it knows that world and nothing else (not photos). It knows "
+    f"colours ({', '.join(COLOURS)}), shapes ({', '.join(SHAPES)}), sizes (small, big, large, the smallest, "
     "the biggest, the bigger of the two), positions (left, right, top, bottom, middle, the leftmost ...), "
     "relations to another object (the circle closest to / next to / farthest from the purple triangle; "
     "its weak spot) and groups (all the red shapes, both triangles), and answers \"no match\" when "
-    "nothing in the image fits."
+    "nothing in the image fits or when a colour, shape or size word is one it does not know. On its own "
+    "test scenes: gIoU 0.82; on scenes from an independent renderer it never trained on: targets found "
+    "93-100% of the time, mask mIoU 0.64-0.95 by kind of scene (docs/models.md)."
 )
 
 
