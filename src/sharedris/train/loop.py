@@ -130,7 +130,10 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None) -> 
     """
     info = init_distributed(device)
     try:
-        return _train(cfg, info, resume)
+        out = _train(cfg, info, resume)
+        if info.world > 1:  # rank 0 writes final/ last: no rank tears the group down before it is done
+            torch.distributed.barrier()
+        return out
     finally:
         cleanup_distributed()
 
