@@ -28,7 +28,7 @@ from sharedris import Predictor, load_pretrained
 from sharedris.data.config import DataConfig
 from sharedris.data.heldout import VARIANTS
 from sharedris.data.registry import build_source
-from sharedris.data.synthetic import FAMILIES
+from sharedris.data.synthetic import FAMILIES, WORLDS
 from sharedris.progress import progress
 
 
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("model", help="checkpoint folder or 'default'")
     ap.add_argument("--split", default="test", choices=["val", "test"])
     ap.add_argument("--scenes", type=int, default=1200, help="scenes of the split (200 per family at 1,200)")
-    ap.add_argument("--world", default="varied", choices=["varied", "flat"], help="the generator's world (as eval --world)")
+    ap.add_argument("--world", default="varied", choices=WORLDS, help="the generator's world (as eval --world)")
     ap.add_argument("--styles", default="texture", help="flat world: background styles, comma-separated (as eval --styles)")
     ap.add_argument("--heldout", action="store_true",
                     help="score the held-out renderer's variants instead (SCENES per variant; --split ignored)")

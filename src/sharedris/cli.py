@@ -333,7 +333,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         data = DataConfig(dataset=args.dataset, root=args.root, split_by=args.split_by,
                           synthetic_image_size=args.synthetic_image_size or cfg.image_size,
                           synthetic_eval_size=args.num_samples or GENERATOR_SAMPLES, seed=args.seed,
-                          synthetic_world=args.world or "varied",
+                          **({"synthetic_world": args.world} if args.world else {}),
                           **({"synthetic_styles": args.styles} if args.styles else {}))
         runs = [(split, data, split) for split in args.split or ["test"]]
     rows, report = {}, {}
