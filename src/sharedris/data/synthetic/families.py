@@ -32,6 +32,25 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from sharedris.data.synthetic.geometry import COLOURS, SHAPES, Placed, Spec
+from sharedris.data.synthetic.phrases import (
+    BIGGER_WORDS,
+    BIGGEST_WORDS,
+    BIG_WORDS,
+    COLOUR_SHAPE_TEMPLATES,
+    MULTI_ALL_N,
+    MULTI_BOTH,
+    MULTI_COUNTED,
+    MULTI_TEMPLATES,
+    NUMBERS,
+    POSITION_TEMPLATES,
+    RELATION_TEMPLATES,
+    SIZE_PAIR_TEMPLATES,
+    SIZE_TEMPLATES,
+    SIZE_TRIO_TEMPLATES,
+    SLOT_WORDS,
+    phrasings,
+    pick,
+)
 
 FAMILIES: tuple[str, ...] = ("colour_shape", "size", "position", "relation")
 NO_TARGET, MULTI_TARGET = "no_target", "multi_target"
@@ -49,67 +68,14 @@ _BIG = (_SMALL[1] * SIZE_RATIO * 1.03, 0.13)  # 3% above SIZE_RATIO: headroom fo
 # A resolver looks at a placed layout and returns (targets, anchor, phrasings), or None to retry.
 Resolver = Callable[[list[Placed], np.random.Generator], tuple[list[int], int | None, list[str]] | None]
 
-# Templates: {c}/{s} the referent's colour/shape, {ac}/{as} the anchor's, {a}/{sup}/{cmp} a size
-# adjective, superlative, comparative, {n} a number word. ``vocabulary`` expands them.
-_BIG_WORDS, _BIGGEST_WORDS, _BIGGER_WORDS = ("big", "large"), ("biggest", "largest"), ("bigger", "larger")
-_NUMBERS = {2: "two", 3: "three", 4: "four"}
-_COLOUR_SHAPE_TEMPLATES = ("the {c} {s}", "{c} {s}", "the {s} that is {c}", "the {c} {s} in the picture")
-_SIZE_TEMPLATES = ("the {a} {s}", "the {a} {c} {s}", "the {sup} {s}")
-_SIZE_PAIR_TEMPLATES = ("the {cmp} {s}", "the {cmp} {c} {s}", "the {cmp} of the two {s}s")
-_SIZE_TRIO_TEMPLATES = ("the {sup} {c} {s}",)
-_POSITION_TEMPLATES = {
-    "left": ("the {s} on the left", "the leftmost {s}", "the {c} {s} on the far left",
-             "the {s} furthest to the left"),
-    "right": ("the {s} on the right", "the rightmost {s}", "the {c} {s} on the far right",
-              "the {s} furthest to the right"),
-    "top": ("the {s} at the top", "the topmost {s}", "the highest {s}", "the {c} {s} at the top"),
-    "bottom": ("the {s} at the bottom", "the bottom {s}", "the lowest {s}", "the {c} {s} at the bottom"),
-    "middle": ("the {s} in the middle", "the {s} in the centre", "the central {s}",
-               "the {c} {s} in the middle"),
-}
-_RELATION_TEMPLATES = {
-    "near": ("the {s} closest to the {ac} {as}", "the {c} {s} next to the {ac} {as}",
-             "the {s} nearest to the {ac} {as}"),
-    "far": ("the {s} farthest from the {ac} {as}", "the {c} {s} furthest from the {ac} {as}",
-            "the {s} far from the {ac} {as}"),
-}
-# multi_target, per kind of group: every form, then the counted forms ("both" for two, "all {n}" for more).
-_MULTI_TEMPLATES = {
-    "colour": ("all the {c} objects", "all {c} shapes", "all the {c} shapes", "every {c} object",
-               "every {c} shape", "the {c} objects", "the {c} shapes", "all the {c} things"),
-    "shape": ("all the {s}s", "all {s}s", "every {s}", "each {s}", "the {s}s"),
-    "pair": ("all the {c} {s}s", "all {c} {s}s", "every {c} {s}", "the {c} {s}s"),
-}
-_MULTI_COUNTED = {
-    "colour": ("the {n} {c} objects", "the {n} {c} shapes"),
-    "shape": ("the {n} {s}s",),
-    "pair": ("the {n} {c} {s}s",),
-}
-_MULTI_BOTH = {
-    "colour": ("both {c} objects", "both {c} shapes"),
-    "shape": ("both {s}s",),
-    "pair": ("both {c} {s}s",),
-}
-_MULTI_ALL_N = {
-    "colour": ("all {n} {c} objects",),
-    "shape": ("all {n} {s}s",),
-    "pair": ("all {n} {c} {s}s",),
-}
-_SLOT_WORDS: dict[str, tuple[str, ...]] = {
-    "c": tuple(COLOURS), "ac": tuple(COLOURS), "s": SHAPES, "as": SHAPES,
-    "a": _BIG_WORDS + ("small",), "sup": _BIGGEST_WORDS + ("smallest",), "cmp": _BIGGER_WORDS + ("smaller",),
-    "n": tuple(_NUMBERS.values()),
-}
-
-
 # The templates each family's expressions come from (no_target: those of the target families).
 _FAMILY_TEMPLATES: dict[str, list[tuple[str, ...]]] = {
-    "colour_shape": [_COLOUR_SHAPE_TEMPLATES],
-    "size": [_SIZE_TEMPLATES, _SIZE_PAIR_TEMPLATES, _SIZE_TRIO_TEMPLATES],
-    "position": list(_POSITION_TEMPLATES.values()),
-    "relation": list(_RELATION_TEMPLATES.values()),
-    MULTI_TARGET: [*_MULTI_TEMPLATES.values(), *_MULTI_COUNTED.values(), *_MULTI_BOTH.values(),
-                   *_MULTI_ALL_N.values()],
+    "colour_shape": [COLOUR_SHAPE_TEMPLATES],
+    "size": [SIZE_TEMPLATES, SIZE_PAIR_TEMPLATES, SIZE_TRIO_TEMPLATES],
+    "position": list(POSITION_TEMPLATES.values()),
+    "relation": list(RELATION_TEMPLATES.values()),
+    MULTI_TARGET: [*MULTI_TEMPLATES.values(), *MULTI_COUNTED.values(), *MULTI_BOTH.values(),
+                   *MULTI_ALL_N.values()],
 }
 _FAMILY_TEMPLATES[NO_TARGET] = [group for family in FAMILIES for group in _FAMILY_TEMPLATES[family]]
 
@@ -120,25 +86,13 @@ def vocabulary(families: Sequence[str] = GENERAL_FAMILIES) -> frozenset[str]:
     for template in (t for family in families for group in _FAMILY_TEMPLATES[family] for t in group):
         for token in template.split():
             slot = re.fullmatch(r"([^{]*)\{(\w+)\}(.*)", token)  # at most one slot per word: "{s}s"
-            words.update(slot[1] + w + slot[3] for w in _SLOT_WORDS[slot[2]]) if slot else words.add(token)
+            words.update(slot[1] + w + slot[3] for w in SLOT_WORDS[slot[2]]) if slot else words.add(token)
     return frozenset(words)
-
-
-def _pick(rng: np.random.Generator, items: Sequence[str], exclude: Sequence[str] = ()) -> str:
-    """Uniform choice among ``items`` not in ``exclude``."""
-    pool = [x for x in items if x not in exclude]
-    return pool[int(rng.integers(len(pool)))]
 
 
 def _scale(rng: np.random.Generator, size: int, band: tuple[float, float]) -> float:
     """An equivalent radius in pixels, uniform in ``band`` (fractions of the image side)."""
     return float(rng.uniform(*band)) * size
-
-
-def _phrasings(rng: np.random.Generator, templates: Sequence[str], **words: str) -> list[str]:
-    """Fill templates, drop duplicates, and shuffle: the first is the sample's text."""
-    texts = list(dict.fromkeys(t.format(**words) for t in templates))
-    return [texts[i] for i in rng.permutation(len(texts))]
 
 
 def _fillers(
@@ -151,7 +105,7 @@ def _fillers(
     """Unconstrained extra objects whose shape and (colour, shape) cannot confuse the expression."""
     out: list[Spec] = []
     while len(out) < count:
-        spec = Spec(_pick(rng, SHAPES, bad_shapes), _pick(rng, list(COLOURS)), _scale(rng, size, _MEDIUM))
+        spec = Spec(pick(rng, SHAPES, bad_shapes), pick(rng, list(COLOURS)), _scale(rng, size, _MEDIUM))
         if (spec.colour, spec.shape) not in bad_pairs:
             out.append(spec)
     return out
@@ -159,41 +113,41 @@ def _fillers(
 
 def _colour_shape(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver]:
     """The only red circle, among at least one other red thing and one other circle."""
-    shape, colour = _pick(rng, SHAPES), _pick(rng, list(COLOURS))
+    shape, colour = pick(rng, SHAPES), pick(rng, list(COLOURS))
     specs = [
         Spec(shape, colour, _scale(rng, size, _MEDIUM)),
-        Spec(_pick(rng, SHAPES, [shape]), colour, _scale(rng, size, _MEDIUM)),
-        Spec(shape, _pick(rng, list(COLOURS), [colour]), _scale(rng, size, _MEDIUM)),
+        Spec(pick(rng, SHAPES, [shape]), colour, _scale(rng, size, _MEDIUM)),
+        Spec(shape, pick(rng, list(COLOURS), [colour]), _scale(rng, size, _MEDIUM)),
     ]
     specs += _fillers(rng, size, int(rng.integers(0, 4)), [], [(colour, shape)])
 
     def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[list[int], None, list[str]]:
         target = next(i for i, o in enumerate(objs) if (o.spec.shape, o.spec.colour) == (shape, colour))
-        return [target], None, _phrasings(rng, _COLOUR_SHAPE_TEMPLATES, c=colour, s=shape)
+        return [target], None, phrasings(rng, COLOUR_SHAPE_TEMPLATES, c=colour, s=shape)
 
     return specs, resolve
 
 
 def _size(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver]:
     """The one small (or big) square among 1-2 same-colour squares of the other size class."""
-    shape, colour = _pick(rng, SHAPES), _pick(rng, list(COLOURS))
+    shape, colour = pick(rng, SHAPES), pick(rng, list(COLOURS))
     big = bool(rng.integers(2))
     own, other = (_BIG, _SMALL) if big else (_SMALL, _BIG)
     k = int(rng.integers(2, 4))
     specs = [Spec(shape, colour, _scale(rng, size, own))]
     specs += [Spec(shape, colour, _scale(rng, size, other)) for _ in range(k - 1)]
     # A same-colour, same-size-class object of another shape: "the small red one" stays ambiguous.
-    specs.append(Spec(_pick(rng, SHAPES, [shape]), colour, _scale(rng, size, own)))
+    specs.append(Spec(pick(rng, SHAPES, [shape]), colour, _scale(rng, size, own)))
     specs += _fillers(rng, size, int(rng.integers(0, 6 - len(specs) + 1)), [shape], [])
 
     def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[list[int], None, list[str]]:
         cands = [i for i, o in enumerate(objs) if o.spec.shape == shape]
         target = (max if big else min)(cands, key=lambda i: objs[i].spec.scale)
-        adj = _pick(rng, _BIG_WORDS) if big else "small"
-        sup = _pick(rng, _BIGGEST_WORDS) if big else "smallest"
-        cmp = _pick(rng, _BIGGER_WORDS) if big else "smaller"
-        templates = _SIZE_TEMPLATES + (_SIZE_PAIR_TEMPLATES if k == 2 else _SIZE_TRIO_TEMPLATES)
-        return [target], None, _phrasings(rng, templates, a=adj, sup=sup, cmp=cmp, c=colour, s=shape)
+        adj = pick(rng, BIG_WORDS) if big else "small"
+        sup = pick(rng, BIGGEST_WORDS) if big else "smallest"
+        cmp = pick(rng, BIGGER_WORDS) if big else "smaller"
+        templates = SIZE_TEMPLATES + (SIZE_PAIR_TEMPLATES if k == 2 else SIZE_TRIO_TEMPLATES)
+        return [target], None, phrasings(rng, templates, a=adj, sup=sup, cmp=cmp, c=colour, s=shape)
 
     return specs, resolve
 
@@ -201,7 +155,7 @@ def _size(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver]:
 
 def _position(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver]:
     """2-3 same-colour stars; the target is the one extreme in a direction, by at least the margin."""
-    shape, colour = _pick(rng, SHAPES), _pick(rng, list(COLOURS))
+    shape, colour = pick(rng, SHAPES), pick(rng, list(COLOURS))
     k = int(rng.integers(2, 4))
     specs = [Spec(shape, colour, _scale(rng, size, _MEDIUM)) for _ in range(k)]
     specs += _fillers(rng, size, int(rng.integers(1, 6 - k + 1)), [shape], [])
@@ -225,20 +179,20 @@ def _position(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver
         if not ok:
             return None
         direction, target = ok[int(rng.integers(len(ok)))]
-        return [target], None, _phrasings(rng, _POSITION_TEMPLATES[direction], c=colour, s=shape)
+        return [target], None, phrasings(rng, POSITION_TEMPLATES[direction], c=colour, s=shape)
 
     return specs, resolve
 
 
 def _relation(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver]:
     """2-3 same-colour circles and a unique anchor; the target is the nearest (or farthest) by a margin."""
-    shape, colour = _pick(rng, SHAPES), _pick(rng, list(COLOURS))
-    a_shape, a_colour = _pick(rng, SHAPES, [shape]), _pick(rng, list(COLOURS))
+    shape, colour = pick(rng, SHAPES), pick(rng, list(COLOURS))
+    a_shape, a_colour = pick(rng, SHAPES, [shape]), pick(rng, list(COLOURS))
     k = int(rng.integers(2, 4))
     specs = [Spec(shape, colour, _scale(rng, size, _MEDIUM)) for _ in range(k)]
     specs.append(Spec(a_shape, a_colour, _scale(rng, size, _MEDIUM)))
     if rng.integers(2):  # a decoy with the anchor's shape, so the anchor needs its colour too
-        specs.append(Spec(a_shape, _pick(rng, list(COLOURS), [a_colour]), _scale(rng, size, _MEDIUM)))
+        specs.append(Spec(a_shape, pick(rng, list(COLOURS), [a_colour]), _scale(rng, size, _MEDIUM)))
     specs += _fillers(rng, size, int(rng.integers(0, 6 - len(specs) + 1)), [shape], [(a_colour, a_shape)])
 
     def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[list[int], int, list[str]] | None:
@@ -255,8 +209,8 @@ def _relation(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver
         if not ok:
             return None
         mode, target = ok[int(rng.integers(len(ok)))]
-        templates = _RELATION_TEMPLATES[mode]
-        return [target], anchor, _phrasings(rng, templates, c=colour, s=shape, ac=a_colour, **{"as": a_shape})
+        templates = RELATION_TEMPLATES[mode]
+        return [target], anchor, phrasings(rng, templates, c=colour, s=shape, ac=a_colour, **{"as": a_shape})
 
     return specs, resolve
 
@@ -266,31 +220,31 @@ def _multi_target(rng: np.random.Generator, size: int) -> tuple[list[Spec], Reso
     circle"), among distractors that share the other attribute, so neither cue alone picks the group."""
     kind = ("colour", "shape", "pair")[int(rng.integers(3))]
     n = int(rng.integers(2, 5))
-    shape, colour = _pick(rng, SHAPES), _pick(rng, list(COLOURS))
+    shape, colour = pick(rng, SHAPES), pick(rng, list(COLOURS))
     if kind == "colour":
-        specs = [Spec(_pick(rng, SHAPES), colour, _scale(rng, size, _MEDIUM)) for _ in range(n)]
-        specs.append(Spec(specs[0].shape, _pick(rng, list(COLOURS), [colour]), _scale(rng, size, _MEDIUM)))
+        specs = [Spec(pick(rng, SHAPES), colour, _scale(rng, size, _MEDIUM)) for _ in range(n)]
+        specs.append(Spec(specs[0].shape, pick(rng, list(COLOURS), [colour]), _scale(rng, size, _MEDIUM)))
         bad_shapes: list[str] = []
         bad_pairs = [(colour, s) for s in SHAPES]
     elif kind == "shape":
-        specs = [Spec(shape, _pick(rng, list(COLOURS)), _scale(rng, size, _MEDIUM)) for _ in range(n)]
-        specs.append(Spec(_pick(rng, SHAPES, [shape]), specs[0].colour, _scale(rng, size, _MEDIUM)))
+        specs = [Spec(shape, pick(rng, list(COLOURS)), _scale(rng, size, _MEDIUM)) for _ in range(n)]
+        specs.append(Spec(pick(rng, SHAPES, [shape]), specs[0].colour, _scale(rng, size, _MEDIUM)))
         bad_shapes, bad_pairs = [shape], []
     else:
         specs = [Spec(shape, colour, _scale(rng, size, _MEDIUM)) for _ in range(n)]
-        specs.append(Spec(_pick(rng, SHAPES, [shape]), colour, _scale(rng, size, _MEDIUM)))
-        specs.append(Spec(shape, _pick(rng, list(COLOURS), [colour]), _scale(rng, size, _MEDIUM)))
+        specs.append(Spec(pick(rng, SHAPES, [shape]), colour, _scale(rng, size, _MEDIUM)))
+        specs.append(Spec(shape, pick(rng, list(COLOURS), [colour]), _scale(rng, size, _MEDIUM)))
         bad_shapes, bad_pairs = [], [(colour, shape)]
     specs += _fillers(rng, size, int(rng.integers(0, 6 - len(specs) + 1)), bad_shapes, bad_pairs)
-    counted = _MULTI_BOTH[kind] if n == 2 else _MULTI_ALL_N[kind]
-    templates = _MULTI_TEMPLATES[kind] + _MULTI_COUNTED[kind] + counted
+    counted = MULTI_BOTH[kind] if n == 2 else MULTI_ALL_N[kind]
+    templates = MULTI_TEMPLATES[kind] + MULTI_COUNTED[kind] + counted
 
     def matches(spec: Spec) -> bool:
         return (kind == "shape" or spec.colour == colour) and (kind == "colour" or spec.shape == shape)
 
     def resolve(objs: list[Placed], rng: np.random.Generator) -> tuple[list[int], None, list[str]]:
         targets = [i for i, o in enumerate(objs) if matches(o.spec)]
-        return targets, None, _phrasings(rng, templates, c=colour, s=shape, n=_NUMBERS[n])
+        return targets, None, phrasings(rng, templates, c=colour, s=shape, n=NUMBERS[n])
 
     return specs, resolve
 
@@ -320,16 +274,16 @@ def hide_referent(
     t = out[target]
     if family == "colour_shape":
         if rng.integers(2):
-            t.colour = _pick(rng, list(COLOURS), [t.colour])
+            t.colour = pick(rng, list(COLOURS), [t.colour])
         else:
-            t.shape = _pick(rng, SHAPES, [t.shape])
+            t.shape = pick(rng, SHAPES, [t.shape])
         return out
     if family == "relation" and anchor is not None and rng.integers(2):
-        out[anchor].colour = _pick(rng, list(COLOURS), [out[anchor].colour])
+        out[anchor].colour = pick(rng, list(COLOURS), [out[anchor].colour])
         return out
     shape = t.shape
     excluded = [shape] if anchor is None else [shape, out[anchor].shape]
-    new = _pick(rng, SHAPES, excluded)
+    new = pick(rng, SHAPES, excluded)
     for s in out:
         if s.shape == shape:
             s.shape = new
