@@ -8,7 +8,7 @@ For each model, on random inputs (speed and memory do not depend on the values):
 - training steps (forward, segmentation loss, backward, AdamW step) under bf16 autocast at per-GPU
   batch 8 and 16, with and without gradient checkpointing of the encoder: samples/s and peak memory
   (``torch.cuda.max_memory_allocated``, which includes weights, gradients and optimizer state);
-- inference at bf16 as :func:`sharedris.precision.prepare_model` runs it: latency at batch 1 and
+- inference at bf16 as :class:`sharedris.runtime.ModelRunner` runs it: latency at batch 1 and
   throughput at batch 32.
 
 Then ``torchrun --nproc_per_node=1 -m sharedris train`` runs a few steps on synthetic data, so the
@@ -35,7 +35,8 @@ import torch
 from sharedris import build_model
 from sharedris.losses import segmentation_loss
 from sharedris.modeling.segmenter import SharedRIS
-from sharedris.precision import autocast_context, prepare_model
+from sharedris.precision import autocast_context
+from sharedris.runtime import ModelRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,25 +121,23 @@ def _train_cell(model: SharedRIS, batch: int, checkpointing: bool, plan: Plan) -
 
 
 def _infer_cells(model: SharedRIS, plan: Plan) -> list[tuple[str, int, dict[str, str]]]:
-    run_model, dtype = prepare_model(model.eval(), "bf16", plan.device)
+    runner = ModelRunner(model, plan.device, "bf16")
 
     def timed(batch: int) -> list[float]:
         inputs = _inputs(model, batch, plan.device)
         times = []
-        with torch.inference_mode(), autocast_context(plan.device, dtype):
-            for i in range(plan.steps + 1):
-                _sync(plan.device)
-                start = time.perf_counter()
-                run_model(*inputs)
-                _sync(plan.device)
-                if i > 0:  # the first call warms up
-                    times.append(time.perf_counter() - start)
+        for i in range(plan.steps + 1):
+            _sync(plan.device)
+            start = time.perf_counter()
+            runner(*inputs)
+            _sync(plan.device)
+            if i > 0:  # the first call warms up
+                times.append(time.perf_counter() - start)
         return times
 
     latency = _cell(plan.device, lambda: {"latency ms": f"{statistics.median(timed(1)) * 1e3:.1f}"})
     throughput = _cell(plan.device, lambda: {
         "samples/s": f"{plan.infer_batch / statistics.median(timed(plan.infer_batch)):.1f}"})
-    del run_model
     return [("infer bf16 latency", 1, latency), ("infer bf16 throughput", plan.infer_batch, throughput)]
 
 

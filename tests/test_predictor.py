@@ -71,15 +71,14 @@ def test_no_match_is_decided_at_the_output_size(predictor):
     assert small.present[0] == full.present[0] > 0.99
 
 
-def test_unknown_words_are_named_only_with_a_vocabulary(predictor):
-    model = predictor.model
+def test_unknown_words_are_named_only_with_a_vocabulary(predictor, model_dir):
+    from sharedris.modeling.pretrained import load_pretrained
+
     assert predictor.predict(scene(32, 32), ["the red cat"]).unknown_words == [[]]  # open vocabulary
+    model = load_pretrained(model_dir)
     model.vocabulary = frozenset({"the", "red", "box"})
-    try:
-        vocab = Predictor(model)
-        assert vocab.predict(scene(32, 32), ["The red cat, the red DOG", "the box"]).unknown_words == [["cat", "dog"], []]
-    finally:
-        model.vocabulary = None
+    vocab = Predictor(model)
+    assert vocab.predict(scene(32, 32), ["The red cat, the red DOG", "the box"]).unknown_words == [["cat", "dog"], []]
 
 
 def test_a_model_built_in_memory_predicts_with_its_bundled_tokenizer():
@@ -87,3 +86,31 @@ def test_a_model_built_in_memory_predicts_with_its_bundled_tokenizer():
     assert model.tokenizer_file is None
     out = Predictor(model).predict(scene(40, 30), TEXTS[:2])
     assert out.masks.shape == (2, 30, 40) and out.scores.shape == out.present.shape == (2,)
+
+
+def _state(model: torch.nn.Module) -> tuple:
+    """What a predictor must not change in its caller's model: device, training flag, dtypes, weights."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return (tuple(sorted({str(t.device) for t in tensors.values()})), model.training,
+            tuple(sorted({str(t.dtype) for t in tensors.values()})),
+            {name: t.detach().double().sum().item() for name, t in tensors.items()},
+            {name: t.detach().clone() for name, t in tensors.items()})
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("precision, runtime", [("fp32", "torch"), ("bf16", "torch"), ("int8", "torch"),
+                                                ("fp32", "openvino"), ("bf16", "openvino")])
+def test_a_predictor_leaves_its_callers_model_as_it_was(model_dir, precision, runtime, training):
+    from sharedris.modeling.pretrained import load_pretrained
+
+    model = load_pretrained(model_dir).train(training)
+    before = _state(model)
+    predictor = Predictor(model, precision=precision, runtime=runtime)
+    out = predictor.predict(scene(48, 40, seed=2), TEXTS)
+    after = _state(model)
+    assert after[:4] == before[:4]
+    assert all(torch.equal(before[4][name], t) for name, t in after[4].items())
+    assert predictor.precision == precision and predictor.runtime == runtime
+    if precision == "fp32":  # a model in training mode is run in eval mode all the same
+        reference = Predictor(load_pretrained(model_dir).eval()).predict(scene(48, 40, seed=2), TEXTS)
+        np.testing.assert_allclose(out.present, reference.present, atol=1e-4)

@@ -12,8 +12,8 @@ from typing import Callable, Sequence
 import torch
 
 from sharedris.modeling.beit3 import BEiT3, BEiT3Config
-from sharedris.precision import PRECISIONS, PrecisionError, autocast_context, prepare_model, resolve_precision
-from sharedris.runtime import OPENVINO_PRECISIONS, OpenVINOModel
+from sharedris.precision import PRECISIONS, PrecisionError, autocast_context, resolve_precision
+from sharedris.runtime import OPENVINO_PRECISIONS, ModelRunner
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], runs: int = 5, warmup: int = 1) -> dict[str, float]:
@@ -119,6 +119,12 @@ def concrete_precisions(precisions: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(resolve_precision(p, "cpu") for p in precisions))
 
 
+def _encoder_alone(run: ModelRunner, images: torch.Tensor, ids: torch.Tensor, pad: torch.Tensor) -> object:
+    """The encoder's part of a PyTorch runner's forward pass, at its precision (to time the heads' share)."""
+    with autocast_context(run.device, run.amp_dtype):
+        return run.module.encoder.forward_intermediates(images, ids, pad, run.module.taps)
+
+
 def _measure_model(name: str, runs: int, threads: int, throughput_batch: int,
                    precisions: list[str], runtimes: Sequence[str] = ("torch",)) -> dict[str, object]:
     """One model's figures at each concrete precision and runtime; run in a fresh process so that its
@@ -145,23 +151,13 @@ def _measure_model(name: str, runs: int, threads: int, throughput_batch: int,
     paths = [(p, p, "torch") for p in precisions if "torch" in runtimes]
     paths += [(f"openvino {p}", p, "openvino") for p in precisions if "openvino" in runtimes and p in OPENVINO_PRECISIONS]
     for key, precision, runtime in paths:
-        if runtime == "openvino":
-            run, dtype = OpenVINOModel(model, precision, threads), None
-        else:
-            run, dtype = prepare_model(model, precision, "cpu")
-
-        def timed(fn: Callable[[], object], dtype: torch.dtype | None = dtype) -> Callable[[], object]:
-            def call() -> object:
-                with autocast_context("cpu", dtype):
-                    return fn()
-            return call
-
+        run = ModelRunner(model, "cpu", precision, runtime, threads)
         # Every precision's calls go into one dict: median_seconds calls them in turn each round, so
         # the precisions of a model are timed alternately and their ratios stay meaningful under load.
-        fns[f"{key}/latency"] = timed(lambda run=run: run(*one))
+        fns[f"{key}/latency"] = lambda run=run: run(*one)
         if runtime == "torch":  # OpenVINO runs the graph whole: no encoder alone
-            fns[f"{key}/encoder"] = timed(lambda run=run: run.encoder.forward_intermediates(*one, run.taps))
-        fns[f"{key}/batch"] = timed(lambda run=run: run(*many))
+            fns[f"{key}/encoder"] = lambda run=run: _encoder_alone(run, *one)
+        fns[f"{key}/batch"] = lambda run=run: run(*many)
     times = median_seconds(fns, runs=runs)
     rows: dict[str, dict[str, float | None]] = {}
     for key, _, _ in paths:

@@ -35,6 +35,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     runtime: str = "torch",
+    presence_threshold: float = 0.5,
     batch_size: int = 16,
     num_workers: int = 0,
     protocol: str = "original",
@@ -50,7 +51,8 @@ def evaluate(
     Args:
         model: a Shared-RIS model; its ``config`` gives the preprocessing.
         tokenizer: default: the model's own (see :class:`~sharedris.predictor.Predictor`).
-        precision, runtime: as for :class:`~sharedris.predictor.Predictor`.
+        precision, runtime, presence_threshold: as for :class:`~sharedris.predictor.Predictor`,
+            whose post-processing decides every answer (the model itself is left as it is).
         protocol: ``"original"`` scores at each image's original size (logits resized
             bilinearly); ``"resized"`` scores prediction and ground truth at
             ``resized_size`` x ``resized_size`` (LAVT's protocol).
@@ -69,14 +71,13 @@ def evaluate(
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     rank, world = _rank_world()
-    was_training = model.training
-    predictor = Predictor(model, tokenizer, device=device, precision=precision, runtime=runtime)
+    predictor = Predictor(model, tokenizer, device=device, precision=precision, runtime=runtime,
+                          presence_threshold=presence_threshold)
     cfg = predictor.config
     groups = getattr(source, "groups", ()) if groups is None else groups
     samples = RISSamples(source, cfg.image_size, cfg.mean, cfg.std, keep_original_mask=True)
     loader = DataLoader(samples, batch_size=batch_size, sampler=range(rank, len(samples), world),
                         num_workers=num_workers, collate_fn=collate)
-    overall = RISMeter()
     per_group = {g: (RISMeter(), GRESMeter()) for g in groups}
     overall = (RISMeter(), GRESMeter())
     for batch in progress_bar(loader, desc="eval", disable=not progress or rank != 0, leave=False):
@@ -91,7 +92,6 @@ def evaluate(
                 if gt.any():  # oIoU, mIoU and P@X are over expressions that refer to something
                     ris.update(mask, gt)
                 gres.update(mask, gt, absent)
-    model.train(was_training)
     for meter in (*overall, *(m for pair in per_group.values() for m in pair)):
         meter.all_reduce_()
     if overall[1].count == 0:

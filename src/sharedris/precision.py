@@ -25,8 +25,8 @@ torch; it is optional (the ``int8`` extra: ``pip install 'sharedris[int8]'``) an
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +144,8 @@ def _quantize_int8(model: nn.Module) -> None:
     quantize_(model, Int8DynamicActivationInt8WeightConfig())
 
 
-def prepare_model(model: nn.Module, precision: str, device: torch.device | str) -> tuple[nn.Module, torch.dtype | None]:
+def prepare_model(model: nn.Module, precision: str, device: torch.device | str,
+                  copy: bool = True) -> tuple[nn.Module, torch.dtype | None]:
     """The model to run for ``precision`` on ``device``, and the autocast dtype to run it under.
 
     Run it as ``with autocast_context(device, dtype): out = model_to_run(...)``. Floating-point
@@ -155,7 +156,8 @@ def prepare_model(model: nn.Module, precision: str, device: torch.device | str) 
     - int8: a copy with dynamically quantized ``nn.Linear`` layers, and None (CPU only).
     - auto: as :func:`resolve_precision` decides.
 
-    ``model`` should already be on ``device``; it is never modified.
+    ``model`` should already be on ``device``; it is never modified, unless ``copy`` is False (the
+    caller hands over a private copy, converted in place to save memory).
 
     Raises:
         PrecisionError: as :func:`resolve_precision`; or int8 without torchao installed.
@@ -163,7 +165,7 @@ def prepare_model(model: nn.Module, precision: str, device: torch.device | str) 
     concrete = resolve_precision(precision, device)
     if concrete == "fp32":
         return model, None
-    run = copy.deepcopy(model)
+    run = deepcopy(model) if copy else model
     if concrete == "bf16":
         run.to(torch.bfloat16)
         dtype = torch.bfloat16

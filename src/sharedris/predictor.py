@@ -27,8 +27,7 @@ from sharedris.data.transforms import image_to_tensor, resize_logits
 from sharedris.modeling.config import ModelConfig
 from sharedris.modeling.pretrained import resolve_tokenizer
 from sharedris.modeling.segmenter import SegmenterOutput
-from sharedris.precision import autocast_context, prepare_model, resolve_precision
-from sharedris.runtime import OpenVINOModel, check_runtime
+from sharedris.runtime import ModelRunner
 from sharedris.text import Tokenizer, validate_texts
 
 
@@ -88,7 +87,8 @@ class Predictor:
             :func:`sharedris.build_model`); its ``config`` gives the preprocessing.
         tokenizer: a :class:`~sharedris.text.Tokenizer` or a SentencePiece file; default: the
             model's own (``model.tokenizer_file``), else the bundled one named by its config.
-        device: where to run; the model is moved there. CPU by default.
+        device: where to run (CPU by default). The caller's model is never modified: see
+            :class:`~sharedris.runtime.ModelRunner`, which runs it.
         precision: ``fp32``, ``bf16``, ``int8`` or ``auto`` (see :mod:`sharedris.precision`).
         presence_threshold: an expression whose presence probability is below this matches
             nothing ("no match"); so does one whose mask has no pixel (see :class:`Prediction`).
@@ -105,7 +105,8 @@ class Predictor:
                              "sharedris.load_pretrained), which carries its config")
         if not 0.0 <= presence_threshold <= 1.0:
             raise ValueError(f"presence_threshold must be in [0, 1], got {presence_threshold}")
-        self.device = torch.device(device)
+        self.runner = ModelRunner(model, device, precision, runtime)
+        self.device, self.precision, self.runtime = self.runner.device, self.runner.precision, self.runner.runtime
         self.config = config
         self.presence_threshold = presence_threshold
         self.vocabulary: frozenset[str] | None = getattr(model, "vocabulary", None)
@@ -114,28 +115,18 @@ class Predictor:
             tokenizer = Tokenizer(resolve_tokenizer(config, tokenizer or getattr(model, "tokenizer_file", None)),
                                   max_len=config.text_len)
         self.tokenizer = tokenizer
-        self.precision = resolve_precision(precision, self.device)  # the concrete one: fp32, bf16 or int8
-        check_runtime(runtime, self.precision, self.device)
-        self.runtime = runtime
-        if runtime == "openvino":
-            self.model, self.amp_dtype = OpenVINOModel(model, self.precision), None
-        else:
-            self.model, self.amp_dtype = prepare_model(model.to(self.device).eval(), self.precision, self.device)
         self.preprocess_image = ImagePreprocessor.from_config(config)
 
     def prepare_texts(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
         """Validate and tokenize: ids (N, L) long, padding mask (N, L) bool (True = padding)."""
         return self.tokenizer(validate_texts(texts))
 
-    @torch.inference_mode()
     def forward(self, images: Tensor, ids: Tensor, pad: Tensor) -> SegmenterOutput:
         """The model on a batch of pairs: images (B, 3, S, S), ids (B, L), pad (B, L).
 
         Runs on the predictor's device at its precision; the returned mask logits are float32.
         """
-        with autocast_context(self.device, self.amp_dtype):
-            out = self.model(images.to(self.device), ids.to(self.device), pad.to(self.device))
-        return SegmenterOutput(*(None if t is None else t.float() for t in out))
+        return self.runner(images, ids, pad)
 
     def unknown_words(self, text: str) -> list[str]:
         """The words of ``text`` outside the model's training vocabulary (none for an open vocabulary)."""

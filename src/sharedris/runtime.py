@@ -1,4 +1,8 @@
-"""Where a :class:`~sharedris.predictor.Predictor` runs its model: PyTorch, or OpenVINO on a CPU.
+"""Where and how a model runs for inference: :class:`ModelRunner`, on PyTorch or OpenVINO.
+
+:class:`ModelRunner` is the one place that turns (model, device, precision, runtime) into something
+that runs a batch; the predictor (and through it evaluation, bulk prediction and the service), the
+benchmarks and the GPU check all run models through it. It never modifies the caller's model.
 
 ``torch`` (the default) runs the model as it is, at the precision that
 :func:`sharedris.precision.prepare_model` sets up. ``openvino`` converts the model with
@@ -13,6 +17,7 @@ the default model, 28 s for ``sharedris_base``).
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 
@@ -21,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from sharedris.modeling.segmenter import SegmenterOutput
+from sharedris.precision import autocast_context, prepare_model, resolve_precision
 
 RUNTIMES = ("torch", "openvino")
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> OpenVINO's inference precision hint
@@ -56,7 +62,8 @@ class OpenVINOModel(nn.Module):
     """A Shared-RIS model compiled by OpenVINO, called like the model: (image, ids, pad) -> output.
 
     Args:
-        model: the Shared-RIS model, converted as it is (moved to the CPU, in eval mode).
+        model: the Shared-RIS model on the CPU in eval mode, converted as it is (:class:`ModelRunner`
+            hands it a copy in that state when the caller's model is not).
         precision: ``fp32`` or ``bf16``.
         threads: OpenVINO's inference threads; None = torch's thread count.
     """
@@ -78,7 +85,7 @@ class OpenVINOModel(nn.Module):
                   ("text_padding_mask", [-1, -1], openvino.Type.boolean)]
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on shape checks it records as constants
-            converted = openvino.convert_model(model.cpu().eval(), example_input=example, input=inputs)
+            converted = openvino.convert_model(model, example_input=example, input=inputs)
         self.compiled = openvino.Core().compile_model(converted, "CPU", {
             "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
             "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()})
@@ -99,3 +106,59 @@ class OpenVINOModel(nn.Module):
         # copies: the request's output buffers are overwritten by this thread's next call
         named = {name: torch.from_numpy(np.array(result[i], dtype=np.float32)) for i, name in enumerate(self.fields)}
         return SegmenterOutput(*(named.get(field) for field in SegmenterOutput._fields))
+
+
+def _same_device(module: nn.Module, device: torch.device) -> bool:
+    """Whether every parameter and buffer of ``module`` is on ``device`` (``cuda`` = the current GPU)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return all(t.device == device for t in (*module.parameters(), *module.buffers()))
+
+
+class ModelRunner:
+    """A model ready to run batches on ``device`` at ``precision`` through ``runtime``.
+
+    The caller's model is never modified (device, training flag, dtype, weights): an fp32 PyTorch
+    runner uses the model itself when it is already on ``device`` and in eval mode, and a copy
+    otherwise; bf16 and int8 (:func:`~sharedris.precision.prepare_model`) and OpenVINO always run
+    their own copy or conversion.
+
+    Args:
+        model: a Shared-RIS model (it carries its ``config``).
+        device: where to run.
+        precision: ``fp32``, ``bf16``, ``int8`` or ``auto`` (:func:`~sharedris.precision.resolve_precision`).
+        runtime: one of :data:`RUNTIMES`.
+        threads: OpenVINO's inference threads; None = torch's thread count.
+
+    Attributes:
+        device, precision (the concrete one: fp32, bf16 or int8), runtime, config: as set up.
+        module: what runs (the model, its copy, or the compiled OpenVINO model).
+
+    Raises:
+        PrecisionError, RuntimeChoiceError: a precision or runtime this device cannot run.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
+                 runtime: str = "torch", threads: int | None = None) -> None:
+        self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        check_runtime(runtime, self.precision, self.device)
+        self.runtime = runtime
+        self.config = model.config
+        target = torch.device("cpu") if runtime == "openvino" else self.device
+        as_is = _same_device(model, target) and not model.training
+        own = model if as_is else copy.deepcopy(model).to(target).eval()
+        if runtime == "openvino":
+            self.module, self.amp_dtype = OpenVINOModel(own, self.precision, threads), None
+        else:
+            self.module, self.amp_dtype = prepare_model(own, self.precision, self.device, copy=as_is)
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor, ids: Tensor, pad: Tensor) -> SegmenterOutput:
+        """The model on a batch of pairs: images (B, 3, S, S), ids (B, L), pad (B, L) (True = padding).
+
+        Inputs are moved to the runner's device; the outputs are float32, on that device.
+        """
+        with autocast_context(self.device, self.amp_dtype):
+            out = self.module(images.to(self.device), ids.to(self.device), pad.to(self.device))
+        return SegmenterOutput(*(None if t is None else t.float() for t in out))

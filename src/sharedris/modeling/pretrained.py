@@ -12,7 +12,6 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from sharedris.checkpoint import atomic_write
 from sharedris.modeling.registry import MODELS, ModelConfig, build_model

@@ -325,9 +325,11 @@ def _validate(cfg: TrainConfig, model, val_source, tokenizer, info: DistInfo, am
 
     Validation runs at the training precision: bf16 when training autocasts to bf16, else fp32.
     """
+    model.eval()  # in eval mode and on its device, an fp32 evaluation runs the model itself, not a copy
     result = evaluate(model, val_source, tokenizer, device=info.device,
                       precision="bf16" if amp_dtype == torch.bfloat16 else "fp32",
                       batch_size=max(1, cfg.batch_size // (info.world * cfg.grad_accum)))
+    model.train()
     result.update(epoch=epoch, step=step, split=cfg.data.val_split)
     if info.is_main:
         atomic_write(out / "metrics" / f"epoch_{epoch:03d}.json",
