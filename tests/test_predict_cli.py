@@ -111,7 +111,8 @@ def test_no_match_prints_it_writes_only_the_overlay_and_names_unknown_words(tmp_
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == [
         "a__the-cat-and-the-dog_overlay.png", "a__the-cat_overlay.png", "a__the-red-box_overlay.png"]
     shown = np.asarray(Image.open(tmp_path / "predictions" / "a__the-red-box_overlay.png"))
-    np.testing.assert_array_equal(shown[-20:], np.asarray(image))  # the plain image below the caption
+    no_match = np.asarray(overlay(image, np.zeros((20, 30), dtype=bool), "the red box", matched=False))
+    np.testing.assert_array_equal(shown[-20:], no_match[-20:])  # the "no match" picture below the caption
 
     report = json.loads(_predict(*args, "--json", "-o", "json", cwd=tmp_path).stdout)
     for r, unknown_words in zip(report["results"], [[], ["cat", "and", "dog"], ["cat"]]):

@@ -161,7 +161,7 @@ def test_no_match_json_says_so_and_names_unknown_words(no_match_client):
         assert not _decode(res["rle"]).any()
 
 
-def test_no_match_png_is_black_and_overlay_is_the_plain_image(no_match_client):
+def test_no_match_png_is_black_and_overlay_says_no_match(no_match_client):
     img = scene(33, 21, seed=2)
     r = _post(no_match_client, encode(img), ["the red box"], fmt="png")
     assert r.status_code == 200 and r.headers["X-Sharedris-Matched"] == "false"
@@ -171,7 +171,6 @@ def test_no_match_png_is_black_and_overlay_is_the_plain_image(no_match_client):
     r = _post(no_match_client, encode(img), ["the red box"], fmt="overlay")
     assert r.status_code == 200 and r.headers["X-Sharedris-Matched"] == "false"
     shown = np.asarray(Image.open(io.BytesIO(r.content)))
-    np.testing.assert_array_equal(shown[-21:], np.asarray(img))  # no tint below the caption
     present = float(r.headers["X-Sharedris-Present"])
     expected = overlay(img, np.zeros((21, 33), dtype=bool), "the red box", present=present, matched=False)
     np.testing.assert_array_equal(shown, np.asarray(expected))

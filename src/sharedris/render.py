@@ -1,4 +1,5 @@
-"""Outputs for people and programs: tinted overlays with captions, COCO RLE masks, the unknown-words sentence."""
+"""Outputs for people and programs: overlays that highlight a mask, with captions; COCO RLE masks;
+the unknown-words sentence."""
 
 from __future__ import annotations
 
@@ -8,55 +9,105 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-TINT = (255, 64, 32)
+DIM = 0.4  # brightness kept outside the mask, and over the whole picture for "no match"
+LIGHT, DARK = (255, 255, 255), (0, 0, 0)
 MAX_CAPTION_LINES = 6  # a very long expression is cut here, with an ellipsis, rather than growing the bar
 
 
 def overlay(image: Image.Image, mask: np.ndarray, caption: str, score: float | None = None,
-            alpha: float = 0.5, *, present: float | None = None, matched: bool = True) -> Image.Image:
-    """``image`` with ``mask`` (HxW bool, same size) tinted and outlined (white inside, black outside
-    its border), ``caption`` on a bar above.
+            *, present: float | None = None, matched: bool = True) -> Image.Image:
+    """``image`` with ``mask`` (HxW bool, same size) highlighted, ``caption`` on a bar above.
 
-    The caption (prefixed with ``score`` when given) is wrapped to the image width; the bar grows
+    The masked pixels keep their own colours; everything else is half greyed and dimmed to ``DIM``. A
+    contour runs along the mask's border: a light line just outside it (on the dimmed picture)
+    and, just inside it, a line of whichever of light and dark contrasts more with the masked
+    pixels next to it, so the border shows whatever the object's colour.
+    ``matched=False`` (the expression matches nothing) turns the whole picture grey and dim and writes
+    "no match" across its middle, whatever the mask.
+
+    The caption (prefixed with ``score`` when given, or with "no match" and the ``present``
+    probability, when given, for ``matched=False``) is wrapped to the image width; the bar grows
     to as many lines as it needs, up to ``MAX_CAPTION_LINES``. The result is W x (H + bar).
-    ``matched=False`` (the expression matches nothing) draws the plain image, no tint, and prefixes
-    the caption with "no match" and the ``present`` probability, when given, instead of the score.
     """
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     m = np.asarray(mask, dtype=bool)
     if m.shape != base.shape[:2]:
         raise ValueError(f"mask is {m.shape}, image is {base.shape[:2]}")
-    if not matched:
-        m = np.zeros_like(m)
-    out = base.copy()
-    out[m] = (1 - alpha) * base[m] + alpha * np.asarray(TINT, dtype=np.float32)
-    # A white line just inside the mask's border and a black one just outside: thin masks stay
-    # visible, and so do masks on objects the tint's own colour (a red shape under a red tint).
-    inner = m & _grow(~m)
-    outer = _grow(m) & ~m
-    out[inner] = (255, 255, 255)
-    out[outer] = (0, 0, 0)
-    tinted = Image.fromarray(out.round().astype(np.uint8))
+    shown = Image.fromarray(_highlight(base, m) if matched else _dimmed(base, colour=0.0).round().astype(np.uint8))
     font = ImageFont.load_default(size=max(12, image.width // 40))
     if not matched:
+        _label_no_match(shown)
         text = f"no match (presence {present:.2f})  {caption}" if present is not None else f"no match  {caption}"
     else:
         text = caption if score is None else f"{score:.2f}  {caption}"
     lines = wrap_text(" ".join(text.split()), font, max(1, image.width - 8), MAX_CAPTION_LINES)
     line_height = int(font.size * 1.25)
     bar = line_height * len(lines) + int(font.size * 0.5)
-    canvas = Image.new("RGB", (tinted.width, tinted.height + bar), (0, 0, 0))
-    canvas.paste(tinted, (0, bar))
+    canvas = Image.new("RGB", (shown.width, shown.height + bar), (0, 0, 0))
+    canvas.paste(shown, (0, bar))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
         draw.text((4, int(font.size * 0.25) + i * line_height), line, fill=(255, 255, 255), font=font)
     return canvas
 
 
-def _grow(m: np.ndarray) -> np.ndarray:
-    """``m`` (HxW bool) grown by one pixel in the four directions."""
-    padded = np.pad(m, 1)
-    return m | padded[2:, 1:-1] | padded[:-2, 1:-1] | padded[1:-1, 2:] | padded[1:-1, :-2]
+def _highlight(base: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """``base`` (HxWx3 float) dimmed outside ``m`` and contoured along its border, as uint8."""
+    width = _line_width(*m.shape)
+    inner = m & _grow(~m, width)
+    outer = _grow(m, width) & ~m
+    beside = m & _grow(inner, 1) & ~inner  # the masked pixels that the inner line runs along
+    out = _dimmed(base)
+    out[m] = base[m]
+    out[outer] = LIGHT  # against the dimmed picture, light always contrasts
+    if inner.any():
+        lum = float(np.median(_luminance(base[beside if beside.any() else m])))
+        # whichever WCAG contrast ratio is higher: dark's (lum + 0.05) / 0.05 or light's 1.05 / (lum + 0.05)
+        out[inner] = DARK if (lum + 0.05) ** 2 > 0.05 * 1.05 else LIGHT
+    return out.round().astype(np.uint8)
+
+
+def _dimmed(base: np.ndarray, colour: float = 0.5) -> np.ndarray:
+    """``base`` (HxWx3 float) dimmed to ``DIM`` of its brightness, keeping ``colour`` of its saturation."""
+    grey = base @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    return DIM * (colour * base + (1 - colour) * grey[..., None])
+
+
+def _label_no_match(shown: Image.Image) -> None:
+    """"no match" in a dark box across the middle of ``shown``, in place."""
+    draw = ImageDraw.Draw(shown)
+    size = max(8, min(shown.height // 4, shown.width // 6))
+    font = ImageFont.load_default(size=size)
+    left, top, right, bottom = draw.textbbox((shown.width / 2, shown.height / 2), "no match", font=font, anchor="mm")
+    pad = max(2, size // 4)
+    draw.rectangle((left - pad, top - pad, right + pad, bottom + pad), fill=DARK, outline=LIGHT,
+                   width=max(1, size // 12))
+    draw.text((shown.width / 2, shown.height / 2), "no match", fill=LIGHT, font=font, anchor="mm")
+
+
+def _line_width(height: int, width: int) -> int:
+    """Width in pixels of each contour line on a ``height`` x ``width`` picture: 1, plus 1 per 256 px."""
+    return 1 + max(height, width) // 256
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """WCAG 2 relative luminance (0 black to 1 white) of 8-bit sRGB colours (..., 3)."""
+    c = np.asarray(rgb, dtype=np.float64) / 255
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return linear @ np.asarray([0.2126, 0.7152, 0.0722])
+
+
+def _grow(m: np.ndarray, by: int) -> np.ndarray:
+    """``m`` (HxW bool) grown by ``by`` pixels in every direction (a square neighbourhood)."""
+    rows = m.copy()
+    for k in range(1, by + 1):
+        rows[k:] |= m[:-k]
+        rows[:-k] |= m[k:]
+    out = rows.copy()
+    for k in range(1, by + 1):
+        out[:, k:] |= rows[:, :-k]
+        out[:, :-k] |= rows[:, k:]
+    return out
 
 
 def wrap_text(text: str, font: ImageFont.FreeTypeFont, width: int, max_lines: int) -> list[str]:
