@@ -260,6 +260,10 @@ def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
     def example_image() -> Response:
         return Response(example, media_type="image/png")
 
+    @app.get("/favicon.svg", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(_static("favicon.svg"), media_type="image/svg+xml")
+
     @app.get("/v1/model")
     def model_info() -> dict[str, Any]:
         """The loaded model: its name, what it knows, and an example image with phrases to try."""
