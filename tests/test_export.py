@@ -21,8 +21,10 @@ from sharedris.text import Tokenizer
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
-    model = load_pretrained(save_tiny_model(folder / "tiny"))
-    return model, export_onnx(model, folder / "model.onnx")
+    model = load_pretrained(save_tiny_model(folder / "tiny")).train()
+    path = export_onnx(model, folder / "model.onnx")
+    assert model.training  # the caller's model is left as it was; the graph is the eval-mode model
+    return model.eval(), path
 
 
 def _inputs(model, texts, text_len, seed):

@@ -4,8 +4,13 @@ Graph inputs, with batch B and text length L both dynamic:
     image              (B, 3, S, S) float32, normalized with the model's mean/std (S = image size)
     text_ids           (B, L) int64, from the model's tokenizer
     text_padding_mask  (B, L) bool, True = padding
-output:
-    logits             (B, 1, S, S) float32; sigmoid > 0.5 is the mask
+outputs (the fields of :class:`~sharedris.modeling.segmenter.SegmenterOutput`, in order):
+    mask_logits        (B, 1, S, S) float32; logit > 0 (sigmoid > 0.5) is the mask
+    presence_logits    (B,) float32; sigmoid is the probability that something matches the expression
+    iou_pred           (B,) float32; the predicted IoU of the mask
+
+The post-processing that turns them into answers (the presence threshold, "no match" when the
+mask has no pixel at the image's size) is :meth:`sharedris.predictor.Predictor.postprocess`.
 
 Preprocessing and tokenizing stay outside the graph; the model's config (image size, mean/std,
 text length, tokenizer file name) is stored in the graph's metadata under ``sharedris_config``.
@@ -13,6 +18,7 @@ text length, tokenizer file name) is stored in the graph's metadata under ``shar
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import warnings
@@ -46,7 +52,8 @@ def export_onnx(model: nn.Module, out: str | Path, opset: int | None = None) -> 
     cfg = model.config
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = model.to("cpu").eval()
+    if model.training or any(p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where and as it was
 
     # Example inputs: batch 2 and padding in one row only, so neither the batch size nor the
     # padding pattern is baked into the graph.
