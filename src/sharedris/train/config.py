@@ -49,6 +49,9 @@ class StemPretrainConfig:
     lr: float = 1e-3
 
 
+SELECT_ON = ("oIoU", "mIoU", "gIoU", "cIoU")  # val metrics that can pick best/
+
+
 @dataclass
 class TrainConfig:
     model: str = "sharedris_tiny"
@@ -78,11 +81,25 @@ class TrainConfig:
     log_every: int = 20  # steps
 
     def __post_init__(self) -> None:
+        """Refuse, in one sentence, settings that cannot train (those that need the world size: at start)."""
         if self.data.synthetic_renderer != "generator":
             from sharedris.data.registry import HELDOUT_FOR_EVALUATION_ONLY
 
             raise ValueError(f"data.synthetic_renderer={self.data.synthetic_renderer}: {HELDOUT_FOR_EVALUATION_ONLY}")
+        if self.data.val_split.lower().startswith("test"):
+            raise ValueError(f"data.val_split={self.data.val_split!r}: checkpoints are never selected on a test split")
+        if self.select_on not in SELECT_ON:
+            raise ValueError(f"select_on={self.select_on!r}: choose {', '.join(SELECT_ON[:-1])} or {SELECT_ON[-1]}")
+        if self.init_from is not None and self.encoder_weights is not None:
+            raise ValueError("init_from and encoder_weights both initialise the encoder; set only one of them")
+        if self.init_skip and self.init_from is None:
+            raise ValueError("init_skip names weights not to take from init_from, but init_from is not set")
 
+    def check_world(self, world: int) -> None:
+        """Refuse a global batch that ``world`` ranks x ``grad_accum`` micro-batches cannot split evenly."""
+        if self.batch_size % (world * self.grad_accum):
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by world size {world} x "
+                             f"grad_accum {self.grad_accum}")
 
 
 def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:

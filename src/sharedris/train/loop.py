@@ -7,6 +7,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -138,27 +139,71 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None) -> 
         cleanup_distributed()
 
 
-def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
-    out = Path(cfg.out_dir)
-    if cfg.batch_size % (info.world * cfg.grad_accum):
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {info.world} x "
-                         f"grad_accum {cfg.grad_accum}")
-    if cfg.data.val_split.lower().startswith("test"):
-        raise ValueError(f"data.val_split={cfg.data.val_split!r}: checkpoints are never selected on a test split")
-    if cfg.select_on not in ("oIoU", "mIoU", "gIoU", "cIoU"):
-        raise ValueError(f"select_on={cfg.select_on!r}: choose oIoU, mIoU, gIoU or cIoU")
-    if cfg.init_from is not None and cfg.encoder_weights is not None:
-        raise ValueError("init_from and encoder_weights both initialise the encoder; set only one of them")
-    if cfg.init_skip and cfg.init_from is None:
-        raise ValueError("init_skip names weights not to take from init_from, but init_from is not set")
-    amp_dtype = training_amp_dtype(cfg.amp, info.device)
+@dataclass
+class _Run:
+    """Everything one training run holds, set up by :func:`_setup`."""
 
+    cfg: TrainConfig
+    info: DistInfo
+    out: Path
+    model: torch.nn.Module
+    ddp: torch.nn.Module  # the model, wrapped in DistributedDataParallel on more than one rank
+    tokenizer: Tokenizer
+    train_set: RISSamples
+    val_source: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    steps_per_epoch: int
+    total_steps: int
+    settings: str  # the one line of resolved settings
+
+
+def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
+    resuming = resume and (Path(cfg.out_dir) / RESUME_FILE).is_file()
+    run = _setup(cfg, info, resuming)
+    step, best, elapsed = _start(run, resuming)
+    out = run.out
+    bar = progress(total=run.total_steps, initial=step, desc="train", disable=not info.is_main, dynamic_ncols=True)
+    log_file = (out / "log.jsonl").open("a") if info.is_main else None
+    start = time.perf_counter() - elapsed  # wall time of the whole run, across resumes
+    while step < run.total_steps:
+        for micro_batches in _epoch_steps(run, step):
+            terms, grad_norm = _train_step(run, micro_batches)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == run.total_steps:
+                terms = _global_mean(run, terms)
+                if info.is_main:
+                    record = {"step": step, "epoch": step / run.steps_per_epoch, **terms,
+                              "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                              "elapsed_s": time.perf_counter() - start}
+                    bar.set_postfix(loss=f"{terms['loss']:.3f}")
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+            epoch_done, in_epoch = divmod(step, run.steps_per_epoch)
+            if in_epoch == 0 and (epoch_done % cfg.eval_every == 0 or step == run.total_steps):
+                best = _validate(run, epoch_done, step, best)
+            if in_epoch == 0 or step % cfg.checkpoint_every == 0:
+                _save_resume(run, step, best, time.perf_counter() - start)
+    bar.close()
+    if log_file:
+        log_file.close()
+    if info.is_main:
+        save_pretrained(run.model, out / "final")
+    return out
+
+
+def _setup(cfg: TrainConfig, info: DistInfo, resuming: bool) -> _Run:
+    """The model (weights from ``init_from`` unless ``resuming``), tokenizer, data, optimizer and schedule."""
+    cfg.check_world(info.world)
+    amp_dtype = training_amp_dtype(cfg.amp, info.device)
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     mcfg = model_config(cfg.model, **cfg.model_overrides)
     model = build_model(mcfg, encoder_weights=cfg.encoder_weights, drop_path_rate=cfg.drop_path)
-    resuming = resume and (out / RESUME_FILE).is_file()
     if cfg.init_from is not None and not resuming:  # a resumed run takes its weights from the resume file
         _init_from(model, cfg)
     _select_trainable(model, cfg.train_only)
@@ -182,26 +227,32 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
         raise ValueError(f"the training set has {len(train_set)} samples, fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, warmup, total_steps, cfg.optim.poly_power)
     ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
         if info.world > 1 else model
-    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-    settings = _settings_line(cfg, model, info, amp_dtype, len(train_set), steps_per_epoch)
-    if info.is_main:
-        write(settings)
+    return _Run(cfg=cfg, info=info, out=Path(cfg.out_dir), model=model, ddp=ddp, tokenizer=tokenizer,
+                train_set=train_set, val_source=val_source, optimizer=optimizer,
+                scheduler=build_scheduler(optimizer, warmup, total_steps, cfg.optim.poly_power),
+                scaler=torch.amp.GradScaler(enabled=amp_dtype == torch.float16), amp_dtype=amp_dtype,
+                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                settings=_settings_line(cfg, model, info, amp_dtype, len(train_set), steps_per_epoch))
 
+
+def _start(run: _Run, resuming: bool) -> tuple[int, float, float]:
+    """Restore the resume state when ``resuming``, or start afresh: (step, best, elapsed seconds)."""
+    cfg, info, out = run.cfg, run.info, run.out
+    if info.is_main:
+        write(run.settings)
     step, best, elapsed = 0, -math.inf, 0.0
     if resuming:
         state = load_resume_state(out / RESUME_FILE)
         if state["config"] != to_dict(cfg):
             raise ValueError(f"{out / RESUME_FILE} was written with a different config; "
                              "resume with the same config or use another out_dir")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
         step, best, elapsed = state["step"], state["best"], state["elapsed_s"]
         _set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
         if info.is_main:
@@ -210,7 +261,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
         summary = None
         if cfg.stem_pretrain.steps:
             # Every rank runs the same stage (same seed, same scenes): identical weights, no broadcast needed.
-            _, summary = pretrain_stem(model.encoder.patch_embed, train_set.source, cfg.stem_pretrain,
+            mcfg = run.model.config
+            _, summary = pretrain_stem(run.model.encoder.patch_embed, run.train_set.source, cfg.stem_pretrain,
                                        image_size=mcfg.image_size, mean=mcfg.mean, std=mcfg.std,
                                        device=info.device, show_progress=info.is_main)
         if info.is_main:
@@ -218,80 +270,61 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> Path:
             atomic_write(out / "config.yaml", lambda p: p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
             if summary is not None:
                 atomic_write(out / "stem_pretrain.json", lambda p: p.write_text(json.dumps(summary)))
+    if info.is_main:
+        atomic_write(out / "settings.txt", lambda p: p.write_text(run.settings + "\n"))
+    return step, best, elapsed
 
-    if info.is_main:
-        atomic_write(out / "settings.txt", lambda p: p.write_text(settings + "\n"))
-    bar = progress(total=total_steps, initial=step, desc="train", disable=not info.is_main, dynamic_ncols=True)
-    log_file = (out / "log.jsonl").open("a") if info.is_main else None
-    loader_gen = torch.Generator()  # DataLoader base seeds must not draw from the global RNG
-    start = time.perf_counter() - elapsed  # wall time of the whole run, across resumes
-    while step < total_steps:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        if hasattr(train_set.source, "set_epoch"):  # e.g. synthetic scenes with fresh_epochs
-            train_set.source.set_epoch(epoch)
-        sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, info.rank, info.world, cfg.grad_accum,
-                                     cfg.seed, epoch, start_step=in_epoch)
-        loader_gen.manual_seed(cfg.seed + epoch)
-        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                            collate_fn=collate, generator=loader_gen,
-                            persistent_workers=False, pin_memory=info.device.type == "cuda")
-        model.train()
-        micro = 0
-        window: dict[str, torch.Tensor] = {}  # each loss term summed over this step's micro-batches
-        for batch in loader:
-            ids, pad = tokenizer(batch["text"])
-            image, target = batch["image"].to(info.device), batch["mask"].to(info.device)
-            sync = micro == cfg.grad_accum - 1
-            ctx = ddp.no_sync() if info.world > 1 and not sync else contextlib.nullcontext()
-            with ctx:
-                with autocast_context(info.device, amp_dtype):
-                    output = ddp(image, ids.to(info.device), pad.to(info.device))
-                losses = referring_loss(output, target, **to_dict(cfg.loss))
-                scaler.scale(losses["loss"] / cfg.grad_accum).backward()
-            for name, value in losses.items():
-                window[name] = window.get(name, 0.0) + value.detach()
-            micro += 1
-            if not sync:
-                continue
-            micro = 0
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad) \
-                if cfg.optim.clip_grad > 0 else torch.tensor(0.0)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                # The mean over the whole global batch (micro-batches and ranks are equal-sized), so
-                # the logged loss is the same for any world size x grad_accum.
-                names = sorted(window)  # the same terms on every rank
-                mean = torch.stack([window[n] for n in names]) / (cfg.grad_accum * info.world)
-                if info.world > 1:
-                    torch.distributed.all_reduce(mean)
-                terms = dict(zip(names, mean.tolist()))
-                if info.is_main:
-                    record = {"step": step, "epoch": step / steps_per_epoch, **terms,
-                              "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                              "elapsed_s": time.perf_counter() - start}
-                    bar.set_postfix(loss=f"{terms['loss']:.3f}")
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-            window.clear()
-            if step % steps_per_epoch == 0:
-                epoch_done = step // steps_per_epoch
-                if epoch_done % cfg.eval_every == 0 or step == total_steps:
-                    best = _validate(cfg, model, val_source, tokenizer, info, amp_dtype, epoch_done, step, best, out)
-            if step % steps_per_epoch == 0 or step % cfg.checkpoint_every == 0:
-                _save_resume(cfg, model, optimizer, scheduler, scaler, step, best, time.perf_counter() - start,
-                             info, out)
-    bar.close()
-    if log_file:
-        log_file.close()
-    if info.is_main:
-        save_pretrained(model, out / "final")
-    return out
+
+def _epoch_steps(run: _Run, step: int) -> Iterator[list[dict[str, Any]]]:
+    """The rest of ``step``'s epoch: each step's ``grad_accum`` micro-batches, the model in training mode."""
+    cfg, info = run.cfg, run.info
+    epoch, in_epoch = divmod(step, run.steps_per_epoch)
+    if hasattr(run.train_set.source, "set_epoch"):  # e.g. synthetic scenes with fresh_epochs
+        run.train_set.source.set_epoch(epoch)
+    sampler = GlobalBatchSampler(len(run.train_set), cfg.batch_size, info.rank, info.world, cfg.grad_accum,
+                                 cfg.seed, epoch, start_step=in_epoch)
+    loader_gen = torch.Generator().manual_seed(cfg.seed + epoch)  # not drawn from the global RNG
+    loader = iter(DataLoader(run.train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                             collate_fn=collate, generator=loader_gen, persistent_workers=False,
+                             pin_memory=info.device.type == "cuda"))
+    run.model.train()
+    for _ in range(sampler.steps - in_epoch):
+        yield [next(loader) for _ in range(cfg.grad_accum)]
+
+
+def _train_step(run: _Run, micro_batches: Sequence[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimizer step over this rank's micro-batches: (each loss term summed over them, grad norm)."""
+    cfg, info = run.cfg, run.info
+    window: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(micro_batches):
+        ids, pad = run.tokenizer(batch["text"])
+        image, target = batch["image"].to(info.device), batch["mask"].to(info.device)
+        sync = i == len(micro_batches) - 1  # DDP all-reduces the gradients on the last one only
+        with run.ddp.no_sync() if info.world > 1 and not sync else contextlib.nullcontext():
+            with autocast_context(info.device, run.amp_dtype):
+                output = run.ddp(image, ids.to(info.device), pad.to(info.device))
+            losses = referring_loss(output, target, **to_dict(cfg.loss))
+            run.scaler.scale(losses["loss"] / cfg.grad_accum).backward()
+        for name, value in losses.items():
+            window[name] = window.get(name, 0.0) + value.detach()
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad) \
+        if cfg.optim.clip_grad > 0 else torch.tensor(0.0)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return window, grad_norm
+
+
+def _global_mean(run: _Run, window: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each loss term's mean over the whole global batch (micro-batches and ranks are equal-sized), so
+    the logged loss is the same for any world size x grad_accum."""
+    names = sorted(window)  # the same terms on every rank
+    mean = torch.stack([window[n] for n in names]) / (run.cfg.grad_accum * run.info.world)
+    if run.info.world > 1:
+        torch.distributed.all_reduce(mean)
+    return dict(zip(names, mean.tolist()))
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -319,41 +352,40 @@ def _settings_line(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, amp
             f"{steps_per_epoch} steps per epoch, {cfg.epochs} epochs")
 
 
-def _validate(cfg: TrainConfig, model, val_source, tokenizer, info: DistInfo, amp_dtype, epoch: int, step: int,
-              best: float, out: Path) -> float:
+def _validate(run: _Run, epoch: int, step: int, best: float) -> float:
     """Evaluate on the val split on all ranks; rank 0 writes the metrics and keeps ``best/``.
 
     Validation runs at the training precision: bf16 when training autocasts to bf16, else fp32.
     """
+    cfg, info, model = run.cfg, run.info, run.model
     model.eval()  # in eval mode and on its device, an fp32 evaluation runs the model itself, not a copy
-    result = evaluate(model, val_source, tokenizer, device=info.device,
-                      precision="bf16" if amp_dtype == torch.bfloat16 else "fp32",
+    result = evaluate(model, run.val_source, run.tokenizer, device=info.device,
+                      precision="bf16" if run.amp_dtype == torch.bfloat16 else "fp32",
                       batch_size=max(1, cfg.batch_size // (info.world * cfg.grad_accum)))
     model.train()
     result.update(epoch=epoch, step=step, split=cfg.data.val_split)
     if info.is_main:
-        atomic_write(out / "metrics" / f"epoch_{epoch:03d}.json",
+        atomic_write(run.out / "metrics" / f"epoch_{epoch:03d}.json",
                      lambda p: p.write_text(json.dumps(result, indent=2)))
         overall = result["overall"]
         shown = {k: "-" if overall[k] is None else f"{overall[k]:.4f}" for k in ("oIoU", "mIoU", "gIoU", "N-acc")}
         write(f"epoch {epoch}: val " + " ".join(f"{k} {v}" for k, v in shown.items()))
         if (overall[cfg.select_on] or 0.0) > best:
-            save_pretrained(model, out / "best")
+            save_pretrained(model, run.out / "best")
     return max(best, result["overall"][cfg.select_on] or 0.0)
 
 
-def _save_resume(cfg: TrainConfig, model, optimizer, scheduler, scaler, step: int, best: float, elapsed: float,
-                 info: DistInfo, out: Path) -> None:
+def _save_resume(run: _Run, step: int, best: float, elapsed: float) -> None:
     """All ranks' RNG states are gathered so that each rank resumes its own stream."""
     rng = _rng_state()
-    if info.world > 1:
-        states: list[Any] = [None] * info.world
+    if run.info.world > 1:
+        states: list[Any] = [None] * run.info.world
         torch.distributed.all_gather_object(states, rng)
     else:
         states = [rng]
-    if info.is_main:
-        save_resume_state(out / RESUME_FILE, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "best": best, "elapsed_s": elapsed, "rng": states, "config": to_dict(cfg),
+    if run.info.is_main:
+        save_resume_state(run.out / RESUME_FILE, {
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "step": step, "best": best, "elapsed_s": elapsed, "rng": states, "config": to_dict(run.cfg),
         })
