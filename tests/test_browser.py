@@ -1,5 +1,7 @@
 """The demo page in a real headless Chromium, against `sharedris serve` running as a real process:
-masks with their score and presence, "no match" plainly, the words the model does not know.
+results side by side at 1280 px, each captioned as `sharedris predict` prints it, overlays drawn as
+the CLI draws them, "no match" plainly, the words the model does not know, the favicon, no console
+errors.
 
 Needs Debian's Chromium and ChromeDriver (``apt-get install -y chromium chromium-driver``) and
 Selenium (dev extra). Without them the tests skip, saying how to run them; with
@@ -23,7 +25,9 @@ from typing import Iterator
 import numpy as np
 import pytest
 from _tiny_model import save_tiny_model, scene
-from PIL import Image
+from PIL import Image, ImageDraw
+
+from sharedris.render import DIM, overlay
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +37,7 @@ REQUIRED = os.environ.get("SHAREDRIS_REQUIRE_BROWSER") == "1"  # CI: a missing b
 # Flags for a sandboxed machine with no network: no background traffic, no first-run UI.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1200,900")
+                  "--disable-dev-shm-usage", "--window-size=1280,900")
 
 
 def _free_port() -> int:
@@ -68,7 +72,7 @@ def _serve(folder: Path, model: Path) -> Iterator[str]:
     port = _free_port()
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "sharedris", "serve", "--model", str(model), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -93,10 +97,15 @@ def _serve(folder: Path, model: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, webdriver_tools):
+def server_folder(tmp_path_factory) -> Path:
+    """Where ``server`` keeps its model and its log, server.log (one line per request)."""
+    return tmp_path_factory.mktemp("browser")
+
+
+@pytest.fixture(scope="module")
+def server(server_folder, webdriver_tools):
     """A tiny model that finds every expression present, with an open vocabulary."""
-    folder = tmp_path_factory.mktemp("browser")
-    yield from _serve(folder, save_tiny_model(folder / "tiny", presence_bias=20.0))
+    yield from _serve(server_folder, save_tiny_model(server_folder / "tiny", presence_bias=20.0))
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +125,7 @@ def browser(tmp_path, webdriver_tools):
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for get_log("browser")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         yield driver
@@ -180,24 +190,72 @@ def _assert_results_readable(browser, width: int, height: int, texts: list[str])
         assert 256 <= box_w <= 520 and abs(box_w / box_h - width / height) < 0.02  # ... shown large
         assert distinct > 10  # a real picture, not a blank or broken image
     captions = [e.text for e in browser.find_elements(By.TAG_NAME, "figcaption")]
-    for caption, text in zip(captions, texts):
-        assert re.fullmatch(re.escape(text) + r" · score [01]\.\d\d · presence 1\.00", caption), caption
+    for caption, text in zip(captions, texts):  # as `sharedris predict` prints it
+        assert re.fullmatch(r"[01]\.\d\d\d  " + re.escape(repr(text)) + r" \(presence 1\.00\)", caption), caption
     assert not browser.find_element(By.ID, "warning").is_displayed()  # an open vocabulary: nothing unknown
 
 
-def test_demo_page_segments_an_uploaded_image_in_one_request(server, browser, tmp_path):
+# Every image on the page that is displayed: whether it has loaded a picture (not a broken-image icon).
+DISPLAYED_IMAGES_LOADED = """
+return Array.from(document.images).filter(i => i.getClientRects().length > 0)
+            .map(i => [i.id, i.complete && i.naturalWidth > 0]);"""
+# Each result figure's box, and the viewport's width without the scroll bar.
+FIGURE_BOXES = """
+return [document.documentElement.clientWidth, document.documentElement.scrollWidth,
+        Array.from(document.querySelectorAll('#results figure')).map(f => {
+          const r = f.getBoundingClientRect();
+          return [r.left, r.top, r.right];
+        })];"""
+
+
+def _assert_no_console_errors(browser) -> None:
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def test_demo_page_shows_results_side_by_side_at_1280px(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     image = tmp_path / "street.png"
     scene(96, 64, seed=3).save(image)
+    texts = ["the red box on the left", "the green one", "the top one", "it's the \"big\" one"]
+    browser.set_window_size(1280, 900)
     browser.get(f"{server}/")
+    assert browser.execute_script("return window.innerWidth;") == 1280
+    assert not browser.find_element(By.ID, "preview").is_displayed()  # nothing chosen: no empty image
+    assert browser.execute_script(DISPLAYED_IMAGES_LOADED) == []
     _count_segment_requests(browser)
     browser.find_element(By.ID, "image").send_keys(str(image))
-    browser.find_element(By.ID, "texts").send_keys("the red box on the left\nthe green one\nthe top one")
+    browser.find_element(By.ID, "texts").send_keys("\n".join(texts))
     browser.find_element(By.ID, "segment").click()
-    _wait_for_results(browser, 3)
+    _wait_for_results(browser, len(texts))
     assert browser.execute_script("return window.segmentRequests;") == 1
-    _assert_results_readable(browser, 96, 64, ["the red box on the left", "the green one", "the top one"])
+    _assert_results_readable(browser, 96, 64, texts)
+    assert all(loaded for _, loaded in browser.execute_script(DISPLAYED_IMAGES_LOADED))
+    viewport, page_width, boxes = browser.execute_script(FIGURE_BOXES)
+    assert page_width <= viewport  # nothing sticks out sideways
+    assert all(0 <= left and right <= viewport for left, _, right in boxes)
+    tops = [top for _, top, _ in boxes]
+    assert tops[0] == tops[1] == tops[2] < tops[3]  # three side by side, the fourth on the next row
+    _assert_no_console_errors(browser)
+
+
+def test_demo_page_has_a_favicon_from_the_service(server, server_folder, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{server}/")
+    href = browser.find_element(By.CSS_SELECTOR, "link[rel=icon]").get_attribute("href")
+    assert href == f"{server}/favicon.svg"  # the service's own, nothing fetched from elsewhere
+    # the browser asked for it, and got it
+    WebDriverWait(browser, 10).until(
+        lambda _: '"GET /favicon.svg HTTP/1.1" 200' in (server_folder / "server.log").read_text())
+    status, kind, body = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch(arguments[0]).then(async r => done([r.status, r.headers.get('content-type'), await r.text()]));""",
+                                                      href)
+    assert (status, kind) == (200, "image/svg+xml") and body.startswith("<svg")
+    _assert_no_console_errors(browser)
 
 
 def test_demo_page_describes_the_model_and_runs_the_example_in_one_click(server, browser):
@@ -246,6 +304,41 @@ def test_demo_page_decodes_coco_rle_like_pycocotools(server, browser):
         np.testing.assert_array_equal(np.asarray(decoded, dtype=bool).reshape(h, w), mask)
 
 
+# The page's overlay of the image at data URL arguments[0] with the mask arguments[1] (0/1, row-major),
+# arguments[2] x arguments[3] pixels: its RGBA pixels.
+PAGE_OVERLAY = """
+const [src, mask, w, h] = arguments, done = arguments[arguments.length - 1];
+const img = new Image();
+img.onload = async () => {
+  const canvas = overlayCanvas(await createImageBitmap(img), Uint8Array.from(mask), w, h, true);
+  done(Array.from(canvas.getContext('2d').getImageData(0, 0, w, h).data));
+};
+img.src = src;"""
+
+
+@pytest.mark.parametrize("colour, background, size", [((240, 220, 40), (240, 240, 235), (96, 64)),
+                                                      ((30, 60, 220), (20, 90, 110), (300, 200))])
+def test_demo_page_draws_overlays_as_the_cli_does(server, browser, colour, background, size):
+    import base64
+    import io
+
+    img = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    draw.ellipse((w // 8, h // 8, w // 2, h * 3 // 4), fill=colour)
+    draw.rectangle((w * 5 // 8, h // 4, w * 7 // 8, h // 2), fill=colour)
+    draw.line((0, h - 3, w, h - 3), fill=colour)  # a thin one along the edge
+    mask = (np.asarray(img) == colour).all(-1)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    browser.get(f"{server}/")
+    src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    pixels = browser.execute_async_script(PAGE_OVERLAY, src, mask.astype(int).ravel().tolist(), w, h)
+    shown = np.asarray(pixels, dtype=np.int16).reshape(h, w, 4)[..., :3]
+    expected = np.asarray(overlay(img, mask, "the shapes"))[-h:]
+    assert np.abs(shown - expected).max() <= 1  # the same picture, up to rounding
+
+
 def test_demo_page_shows_no_match_plainly_and_the_unknown_words(no_match_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -257,11 +350,16 @@ def test_demo_page_shows_no_match_plainly_and_the_unknown_words(no_match_server,
     browser.find_element(By.ID, "segment").click()
     _wait_for_results(browser, 2)
     captions = [e.text for e in browser.find_elements(By.TAG_NAME, "figcaption")]
-    assert captions == ["the red box · no match (presence 0.00)", "the cat · no match (presence 0.00)"]
-    # no mask drawn: each result shows exactly the uploaded image's pixels
+    assert captions == ["no match  'the red box' (presence 0.00)", "no match  'the cat' (presence 0.00)"]
+    badges = browser.find_elements(By.CSS_SELECTOR, "#results figure .badge")
+    assert [b.text for b in badges] == ["no match"] * 2 and all(b.is_displayed() for b in badges)
+    # the picture as the CLI draws it for "no match" (its label aside): grey and dim all over
     uploaded = np.asarray(Image.open(image).convert("RGB"))
     for pixels in browser.execute_script(SHOWN_PIXELS):
-        np.testing.assert_array_equal(np.asarray(pixels, dtype=np.uint8).reshape(64, 96, 4)[..., :3], uploaded)
+        shown = np.asarray(pixels, dtype=np.int16).reshape(64, 96, 4)[..., :3]
+        assert (shown.max(-1) - shown.min(-1) <= 1).all() and shown.max() <= DIM * uploaded.max() + 1
+        assert np.abs(shown - uploaded).max() > 64
+    _assert_no_console_errors(browser)
     warning = browser.find_element(By.ID, "warning")
     assert warning.is_displayed()
     assert warning.text == "the model nomatch was trained on synthetic shape scenes and does not know: cat"
