@@ -6,7 +6,8 @@
 
 The model is ``default``, a checkpoint folder, or a registered model name (``sharedris_base``:
 random weights, seed 0). It is exported to a temporary ONNX file, then the model forward pass
-(image + text ids + padding mask -> mask logits, presence logit and predicted IoU; no preprocessing) is timed in PyTorch at each
+(image + text ids + padding mask -> mask logits, presence logit and predicted IoU; no
+preprocessing) is timed in PyTorch at each
 ``--precision`` (through :class:`sharedris.Predictor`, the library's inference path) and in
 onnxruntime (fp32 and, with ``--ort-int8``, the graph's MatMuls dynamically quantized to int8 by
 ``onnxruntime.quantization.quantize_dynamic``: the same layers that PyTorch's int8 quantizes), with
