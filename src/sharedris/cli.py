@@ -98,6 +98,7 @@ def _probability(text: str) -> float:
     return value
 
 
+API_KEY_ENV = "SHAREDRIS_API_KEY"  # the service's key, when --api-key is not given
 PRESENCE_HELP = ("an expression whose presence probability (that anything in the image matches it) is below this "
                  "matches nothing: 'no match', an empty mask")
 
@@ -358,15 +359,24 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from sharedris.serve.app import Limits, create_app
+        from sharedris.serve.app import Batching, Limits, check_api_key, create_app
     except ImportError:
         raise UserError("install the serve extra: pip install 'sharedris[serve]'") from None
 
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                     max_texts=args.max_texts, max_text_chars=args.max_text_chars)
+    batching = Batching(wait_ms=args.batch_wait_ms, max_batch=args.max_batch)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key is not None:
+        try:
+            check_api_key(api_key)
+        except ValueError as e:  # its sentence names the rule, never the key
+            given = "--api-key" if args.api_key is not None else API_KEY_ENV
+            raise UserError(f"{given}: {e}") from None
     _check_port(args.host, args.port)
     app = create_app(args.model, limits=limits, device=device, precision=args.precision,
-                     presence_threshold=args.presence_threshold, runtime=args.runtime)
+                     presence_threshold=args.presence_threshold, runtime=args.runtime, batching=batching,
+                     api_key=api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
@@ -561,19 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--seed", type=int, default=0, help="synthetic dataset seed")
     dt.set_defaults(func=_cmd_data_tokenizer)
 
-    sv = sub.add_parser("serve", help="HTTP API (POST /v1/segment, GET /healthz) and a demo page at /")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
-    sv.add_argument("--model", default="default", help="'default' or a checkpoint folder")
-    sv.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    sv.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    sv.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
-    sv.add_argument("--presence-threshold", type=_probability, default=0.5, help=PRESENCE_HELP)
-    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file accepted")
-    sv.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, width x height")
-    sv.add_argument("--max-texts", type=int, default=16, help="most expressions per request")
-    sv.add_argument("--max-text-chars", type=int, default=500, help="longest expression, in characters")
-    sv.set_defaults(func=_cmd_serve)
+    _add_serve_parser(sub)
 
     ex = sub.add_parser("export", help="export a model for other runtimes")
     ex_sub = ex.add_subparsers(dest="what", required=True)
@@ -600,6 +598,39 @@ def build_parser() -> argparse.ArgumentParser:
     for _, p in iter_parsers(parser):
         p.formatter_class = _HelpFormatter
     return parser
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sharedris serve``: its options, documented in docs/http-api.md."""
+    sv = sub.add_parser("serve", help="HTTP API (POST /v1/segment, GET /healthz), demo page at /, API docs at /docs",
+                        description="The HTTP service (docs/http-api.md): POST /v1/segment, GET /v1/model, GET "
+                                    "/healthz, a demo page at / and the API's interactive documentation at /docs, "
+                                    "served from the service itself (no internet needed). Concurrent requests share the "
+                                    "model's forward passes (--batch-wait-ms, --max-batch). With a key "
+                                    f"({API_KEY_ENV} or --api-key) every route but /healthz needs it; the key is "
+                                    "never logged.")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    sv.add_argument("--model", default="default", help="'default' or a checkpoint folder")
+    sv.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    sv.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    sv.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
+    sv.add_argument("--presence-threshold", type=_probability, default=0.5, help=PRESENCE_HELP)
+    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file accepted")
+    sv.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, width x height")
+    sv.add_argument("--max-texts", type=int, default=16, help="most expressions per request")
+    sv.add_argument("--max-text-chars", type=int, default=500, help="longest expression, in characters")
+    sv.add_argument("--batch-wait-ms", type=float, default=5.0,
+                    help="how long a request waits for others to share its forward pass (0: only those "
+                         "already waiting share it); requests arriving while the model is busy share the next one")
+    sv.add_argument("--max-batch", type=int, default=16,
+                    help="most expressions in one forward pass; a request is never split, so one with more runs "
+                         "alone (1: one request at a time)")
+    sv.add_argument("--api-key", default=None,
+                    help=f"require this key on every route but /healthz (as 'Authorization: Bearer KEY'; browsers "
+                         f"ask for it: any user name, the key as the password). Prefer the {API_KEY_ENV} "
+                         "environment variable: a command line is visible to other users of the machine")
+    sv.set_defaults(func=_cmd_serve)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
