@@ -25,7 +25,9 @@ ALLOWED = {
     "metrics": set(),
     "losses": {"modeling"},  # one loss term per field of the model's output type
     "precision": set(),
+    "runtime": {"modeling", "precision"},  # the one place that sets up a model for inference
 }
+INFERENCE = {"bulk", "predictor", "serve", "cli"}  # the doors that run a trained model
 
 
 def _part(module: str) -> str:
@@ -60,6 +62,16 @@ def test_lower_layers_import_only_what_is_below_them():
     wrong = [f"{file} imports {name}" for part, edges in _imports().items() if part in ALLOWED
              for file, name in sorted(edges) if _part(name) not in ALLOWED[part] | {part}]
     assert wrong == []
+
+
+def test_training_imports_nothing_of_inference():
+    wrong = [f"{file} imports {name}" for file, name in sorted(_imports()["train"]) if _part(name) in INFERENCE]
+    assert wrong == []
+
+
+def test_the_service_does_not_import_the_synthetic_generator():
+    # what the default model was trained on travels with its weights (vocabulary.json)
+    assert not [f for f, name in _imports()["serve"] if name.startswith("sharedris.data.synthetic")]
 
 
 def test_data_never_imports_the_config_module():

@@ -22,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from starlette.routing import Mount
 
+from sharedris.modeling.pretrained import load_pretrained
 from sharedris.render import overlay
 from sharedris.serve.app import FORM_ALLOWANCE, Batching, Limits, create_app
 
@@ -111,10 +112,12 @@ def test_the_default_model_says_it_knows_only_synthetic_shapes():
     from sharedris.data.synthetic import COLOURS, SHAPES
     from sharedris.serve.app import describe_model
 
-    about = describe_model("default", 128)
+    model = load_pretrained("default")
+    about = describe_model("default", 128, model.description, model.vocabulary)
     assert about["name"] == "default" and "synthetic" in about["description"]
+    said = about["description"] + " " + about["trained_on"]  # what GET /v1/model tells a user
     for word in [*COLOURS, *SHAPES, "small", "left", "closest to"]:
-        assert word in about["description"], word
+        assert word in said, word
 
 
 def test_segment_returns_rle_masks_equal_to_the_predictor(client, predictor):

@@ -47,7 +47,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor
 
 from sharedris.data.images import ImageError, load_image
-from sharedris.data.synthetic import COLOURS, SHAPES
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.modeling.segmenter import SegmenterOutput
 from sharedris.predictor import Predictor
@@ -62,8 +61,8 @@ EXAMPLE_IMAGE = "example.png"  # a synthetic test scene, shipped in static/ for 
 EXAMPLE_TEXTS = ("the blue diamond", "all the red shapes", "the red circle")
 DEFAULT_MODEL_DESCRIPTION = (
     "The default model is small and was trained only on synthetic scenes of coloured shapes (1 to 10 "
-    "per picture, drawn in many styles), so it knows that world and nothing else (not photos). It knows "
-    f"colours ({', '.join(COLOURS)}), shapes ({', '.join(SHAPES)}), sizes (small, big, large, the smallest, "
+    "per picture, drawn in many styles: trained_on says which), so it knows that world and nothing else "
+    "(not photos). It knows the six colours and six shapes of trained_on, sizes (small, big, large, the smallest, "
     "the biggest, the bigger of the two), positions (left, right, top, bottom, middle, the leftmost ...), "
     "relations to another object (the circle closest to / next to / farthest from the purple triangle; "
     "its weak spot) and groups (all the red shapes, both triangles), and answers \"no match\" when "
