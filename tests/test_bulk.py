@@ -1,6 +1,7 @@
 """Bulk prediction (`sharedris predict --manifest`, folders, globs, `predict_manifest`): every good pair
-once in manifest order, bad rows in errors.jsonl, resume after a kill, the same output under torchrun,
-"no match" pairs marked and without mask files."""
+once in manifest order, bad rows in errors.jsonl, resume after a kill, reruns that reuse exactly the
+pairs whose image bytes, expression, model and settings are unchanged and end as a fresh run would,
+the same output under torchrun, "no match" pairs marked and without mask files."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import torch
 from _tiny_model import save_tiny_model, scene
 
 import sharedris
-from sharedris.bulk import BadRow, ManifestError, Row, default_lanes, default_workers, predict_manifest, read_manifest
+from sharedris.bulk import (BadRow, ManifestError, ResultsMismatch, Row, default_lanes, default_workers,
+                            predict_manifest, read_manifest)
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.predictor import Predictor
 from sharedris.render import encode_rle
@@ -82,6 +84,10 @@ def _results(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+def _replaced(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "replaced.jsonl").read_text().splitlines()]
+
+
 def _errors(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
 
@@ -120,7 +126,7 @@ def test_duplicate_ids_are_bad_rows():
 def test_sigkill_midway_then_rerun_writes_every_good_pair_once(tmp_path, model_dir, fp32):
     manifest, bad_lines = _write_dataset(tmp_path, good_rows=160)  # 320 good pairs, 10 bad rows
     summary = predict_manifest(fp32, manifest, tmp_path / "reference", batch_size=8, workers=0, show_progress=False)
-    assert (summary.written, summary.skipped, summary.failed) == (320, 0, 10)
+    assert (summary.written, summary.reused, summary.failed) == (320, 0, 10)
     reference = _results(tmp_path / "reference")
 
     args = ["--manifest", str(manifest), "-o", "out", "--model", str(model_dir), "--precision", "fp32",
@@ -139,7 +145,8 @@ def test_sigkill_midway_then_rerun_writes_every_good_pair_once(tmp_path, model_d
 
     rerun = _run(*args, cwd=tmp_path)
     assert rerun.returncode == 2, rerun.stderr
-    assert "10 row(s) failed" in rerun.stderr and f"{first} skipped as already done" in rerun.stdout
+    assert "10 row(s) failed" in rerun.stderr
+    assert f"{320 - first} new pair(s) written, {first} reused, 0 recomputed, 10 row(s) failed" in rerun.stdout
     got = _results(tmp_path / "out")
     assert [(r["id"], r["text_index"]) for r in got] == [(r["id"], r["text_index"]) for r in reference]
     assert got == reference  # same masks, scores and order as the run that was never interrupted
@@ -158,9 +165,209 @@ def test_torn_last_line_is_dropped_on_resume(tmp_path, fp32):
     out.mkdir()
     lines = reference.splitlines(keepends=True)
     (out / "results.jsonl").write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])  # killed mid-write
+    (out / "run.json").write_bytes((tmp_path / "ref" / "run.json").read_bytes())  # the same model and settings
     summary = predict_manifest(fp32, rows, out, workers=0, show_progress=False)
-    assert (summary.written, summary.skipped, summary.failed) == (7, 5, 0)
+    assert (summary.written, summary.reused, summary.failed) == (7, 5, 0)
     assert (out / "results.jsonl").read_text() == reference
+
+
+# ----------------------------------------------------------------------------------- reruns
+class _Bar:
+    """Stands in for the progress bar: what a run counted."""
+
+    def __init__(self, total, **options):
+        self.total, self.n, self.postfix = total, 0, {}
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix(self, refresh=True, **values):
+        self.postfix = values
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """The progress bars that bulk runs open, in order."""
+    import sharedris.bulk as bulk
+
+    made = []
+    monkeypatch.setattr(bulk, "progress", lambda **options: made.append(_Bar(**options)) or made[-1])
+    return made
+
+
+@pytest.fixture
+def forwarded(fp32, monkeypatch):
+    """How many pairs went through the model, and how many images were decoded."""
+    counts = {"pairs": 0, "images": 0}
+    forward, preprocess = fp32.forward, fp32.preprocess_image
+
+    def counting_forward(images, ids, pad):
+        counts["pairs"] += len(ids)
+        return forward(images, ids, pad)
+
+    def counting_preprocess(image):
+        counts["images"] += 1
+        return preprocess(image)
+
+    monkeypatch.setattr(fp32, "forward", counting_forward)
+    monkeypatch.setattr(fp32, "preprocess_image", counting_preprocess)
+    return counts
+
+
+def _rerun(predictor, rows, out, forwarded=None, **options):
+    """A run into ``out``: its summary counts and the pairs the model saw in it (with ``forwarded``).
+    A fresh run of the same rows into a new folder must write the very same lines."""
+    before = dict(forwarded or {"pairs": 0})
+    summary = predict_manifest(predictor, rows, out, workers=0, show_progress=False, **options)
+    pairs = None if forwarded is None else forwarded["pairs"] - before["pairs"]
+    fresh = out.with_name(f"{out.name}-fresh{len(list(out.parent.glob(out.name + '-fresh*')))}")
+    predict_manifest(predictor, rows, fresh, workers=0, show_progress=False, **options)
+    assert _results(out) == _results(fresh)
+    assert (out / "run.json").read_text() == (fresh / "run.json").read_text()
+    return (summary.written, summary.reused, summary.recomputed, summary.failed), pairs
+
+
+def test_reruns_reuse_exactly_the_pairs_still_answered(tmp_path, fp32, forwarded, bars):
+    for i in range(5):
+        scene(20 + i, 14, seed=i).save(tmp_path / f"{i}.png")
+    rows = [{"image": str(tmp_path / f"{i}.png"), "texts": TEXTS[: 1 + i % 2], "id": f"img-{i}"} for i in range(5)]
+    out = tmp_path / "out"
+    assert _rerun(fp32, rows, out, forwarded) == ((7, 0, 0, 0), 7)
+    first = out / "results.jsonl"
+    inode = first.stat().st_ino
+
+    # (a) the same manifest: everything reused, no image decoded, no pair through the model, the file left alone
+    decoded = forwarded["images"]
+    summary = predict_manifest(fp32, rows, out, workers=0, show_progress=False)
+    assert (summary.written, summary.reused, summary.recomputed, forwarded["images"]) == (0, 7, 0, decoded)
+    assert first.stat().st_ino == inode and not (out / "replaced.jsonl").exists()
+    assert (bars[-1].total, bars[-1].n, bars[-1].postfix) == (7, 7, {"new": 0, "reused": 7, "recomputed": 0})
+
+    # (b) one more phrase on every row: only the new pairs run
+    rows = [{**r, "texts": r["texts"] + ["the blue one"]} for r in rows]
+    assert _rerun(fp32, rows, out, forwarded) == ((5, 7, 0, 0), 5)
+    assert (bars[-2].total, bars[-2].n, bars[-2].postfix) == (12, 12, {"new": 5, "reused": 7, "recomputed": 0})
+
+    # (c) another picture at the same path, and another expression in a row: only those pairs run again
+    scene(22, 14, seed=99).save(tmp_path / "2.png")
+    rows[4]["texts"][1] = "the small one"
+    old = _results(out)
+    assert _rerun(fp32, rows, out, forwarded) == ((0, 9, 3, 0), 3)
+    assert _replaced(out) == [r for r in old if r["id"] == "img-2" or (r["id"], r["text_index"]) == ("img-4", 1)]
+    hashes = [{r["image_sha256"] for r in lines if r["id"] == "img-2"} for lines in (old, _results(out))]
+    assert len(hashes[0]) == len(hashes[1]) == 1 and hashes[0] != hashes[1]
+
+    # rows in another order and with other ids, one row gone: reused under their new ids and places
+    old = _results(out)
+    moved = [{**r, "id": f"again-{n}"} for n, r in enumerate(reversed(rows[1:]))]
+    assert _rerun(fp32, moved, out, forwarded) == ((0, 10, 0, 0), 0)
+    assert [(r["id"], r["text"]) for r in _results(out)][:2] == [("again-0", "the red box"),
+                                                                   ("again-0", "the small one")]
+    assert _replaced(out)[3:] == [r for r in old if r["id"] == "img-0"]
+
+
+def test_a_failed_image_is_not_counted_by_the_bar_and_a_fixed_one_runs(tmp_path, fp32, bars):
+    for i in range(3):
+        scene(20, 14, seed=i).save(tmp_path / f"{i}.png")
+    rows = [{"image": str(tmp_path / f"{i}.png"), "texts": TEXTS} for i in range(3)]
+    (tmp_path / "1.png").write_text("not an image\n")
+    assert _rerun(fp32, rows, tmp_path / "out")[0] == (4, 0, 0, 1)
+    assert (bars[0].total, bars[0].n) == (4, 4)  # 6 pairs, 2 of them of an image that cannot be read
+    scene(20, 14, seed=1).save(tmp_path / "1.png")
+    assert _rerun(fp32, rows, tmp_path / "out")[0] == (2, 4, 0, 0)
+
+
+def test_rerun_with_pngs_reuses_a_pair_only_when_its_files_are_there(tmp_path, fp32):
+    for i in range(2):
+        scene(20, 14, seed=i).save(tmp_path / f"{i}.png")
+    rows = [{"image": str(tmp_path / f"{i}.png"), "texts": TEXTS, "id": f"img-{i}"} for i in range(2)]
+    out = tmp_path / "out"
+    predict_manifest(fp32, rows, out, workers=0, save_png=True, show_progress=False)
+    first = _results(out)
+    Path(first[1]["overlay_png"]).unlink()
+    summary = predict_manifest(fp32, rows, out, workers=0, save_png=True, show_progress=False)
+    assert (summary.written, summary.reused, summary.recomputed) == (0, 3, 1)
+    assert _results(out) == first and Path(first[1]["overlay_png"]).is_file()
+    # without --save-png the lines are those of a run without it, from the same predictions
+    summary = predict_manifest(fp32, rows, out, workers=0, show_progress=False)
+    assert summary.reused == 4
+    assert _results(out) == [{k: v for k, v in r.items() if not k.endswith("_png")} for r in first]
+
+
+def test_a_folder_without_run_json_is_recomputed_and_its_lines_kept(tmp_path, fp32):
+    scene(20, 14).save(tmp_path / "0.png")
+    rows = [{"image": str(tmp_path / "0.png"), "texts": TEXTS}]
+    predict_manifest(fp32, rows, tmp_path / "out", workers=0, show_progress=False)
+    old = [{k: v for k, v in r.items() if k != "image_sha256"} for r in _results(tmp_path / "out")]
+    (tmp_path / "out" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))  # as written before
+    (tmp_path / "out" / "run.json").unlink()
+    assert _rerun(fp32, rows, tmp_path / "out")[0] == (2, 0, 0, 0)  # new to the folder's run.json
+    assert _replaced(tmp_path / "out") == old
+
+
+def test_another_model_or_precision_is_refused_in_one_sentence_until_fresh(tmp_path, model_dir, fp32):
+    scene(20, 14).save(tmp_path / "0.png")
+    rows = [{"image": str(tmp_path / "0.png"), "texts": TEXTS}]
+    out = tmp_path / "out"
+    predict_manifest(fp32, rows, out, workers=0, show_progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bf16 = Predictor(load_pretrained(model_dir), precision="bf16")
+    with pytest.raises(ResultsMismatch) as refused:
+        predict_manifest(bf16, rows, out, workers=0, show_progress=False)
+    assert str(refused.value) == (f"{out} holds results made with precision fp32 (this run: bf16); pass fresh=True "
+                                  "to discard them and start afresh, or write to another folder")
+    other = load_pretrained(save_tiny_model(tmp_path / "other", seed=1))
+    with pytest.raises(ResultsMismatch, match=r"with another model \(sha256 [0-9a-f]{12}\.\.\., this run: "):
+        predict_manifest(other, rows, out, workers=0, show_progress=False)
+    with pytest.raises(ResultsMismatch, match=r"with presence threshold 0.5 \(this run: 0.7\); pass"):
+        predict_manifest(load_pretrained(model_dir), rows, out, presence_threshold=0.7, workers=0, show_progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+
+    assert _rerun(bf16, rows, out, fresh=True)[0] == (2, 0, 0, 0)
+    assert json.loads((out / "run.json").read_text())["precision"] == "bf16"
+
+
+def test_cli_rerun_with_another_phrase_runs_it_and_another_precision_needs_fresh(tmp_path, model_dir):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        scene(22, 18, seed=i).save(folder / f"{i}.png")
+    args = ["photos", "-o", "out", "--model", str(model_dir), "--workers", "0", "--precision", "fp32"]
+    assert _run(*args, "-t", "the red box", "-t", "the left one", cwd=tmp_path).returncode == 0
+    again = _run(*args, "-t", "the yellow star", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "0 new pair(s) written, 0 reused, 3 recomputed, 0 row(s) failed" in again.stdout
+    assert [r["text"] for r in _results(tmp_path / "out")] == ["the yellow star"] * 3
+    assert len((tmp_path / "out" / "replaced.jsonl").read_text().splitlines()) == 6
+
+    refused = _run(*args[:-1], "bf16", "-t", "the yellow star", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.splitlines()[-1] == (
+        "sharedris predict: error: out holds results made with precision fp32 (this run: bf16); pass --fresh to "
+        "discard them and start afresh, or write to another folder")
+    fresh = _run(*args[:-1], "bf16", "-t", "the yellow star", "--fresh", "--json", cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    summary = json.loads(fresh.stdout)
+    assert (summary["written"], summary["reused"], summary["recomputed"], summary["failed"]) == (3, 0, 0, 0)
+    assert not (tmp_path / "out" / "replaced.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_an_openvino_run_is_identified_by_the_model_it_converts(tmp_path, model_dir):
+    pytest.importorskip("openvino")
+    scene(20, 14).save(tmp_path / "0.png")
+    rows = [{"image": str(tmp_path / "0.png"), "texts": TEXTS}]
+    model = load_pretrained(model_dir)
+    with pytest.raises(ValueError, match="pass the model itself with runtime='openvino'"):
+        predict_manifest(Predictor(model, runtime="openvino"), rows, tmp_path / "no", show_progress=False)
+    summary = predict_manifest(model, rows, tmp_path / "out", runtime="openvino", workers=0, show_progress=False)
+    again = predict_manifest(model, rows, tmp_path / "out", runtime="openvino", workers=0, show_progress=False)
+    assert (summary.written, again.reused) == (2, 2)
+    with pytest.raises(ResultsMismatch, match="runtime openvino .this run: torch."):
+        predict_manifest(model, rows, tmp_path / "out", workers=0, show_progress=False)
 
 
 # ----------------------------------------------------------------------------------- torchrun
@@ -181,10 +388,37 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, model_dir):
                           f"--master_port={_free_port()}", "-m", "sharedris", "predict", *args, "-o", "ddp",
                           "--device", "cpu"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert ddp.returncode != 0  # rank 0 exits 2: rows failed
-    assert "50 pair(s) written, 0 skipped as already done, 10 row(s) failed" in ddp.stdout, ddp.stderr[-3000:]
+    assert "50 new pair(s) written, 0 reused, 0 recomputed, 10 row(s) failed" in ddp.stdout, ddp.stderr[-3000:]
     assert (tmp_path / "ddp" / "results.jsonl").read_text() == (tmp_path / "single" / "results.jsonl").read_text()
     assert _errors(tmp_path / "ddp") == _errors(tmp_path / "single")
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["errors.jsonl", "results.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["errors.jsonl", "results.jsonl", "run.json"]
+
+
+def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                           f"--master_port={_free_port()}", "-m", "sharedris", "predict", *args, "--device", "cpu"],
+                          cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_rerun_reuses_like_one_process_and_refuses_other_settings(tmp_path, model_dir, fp32):
+    manifest, _ = _write_dataset(tmp_path, good_rows=10)
+    args = ["--manifest", str(manifest), "--model", str(model_dir), "--batch-size", "4", "-o", "ddp"]
+    assert "20 new pair(s) written" in _torchrun(*args, "--precision", "fp32", cwd=tmp_path).stdout
+    lines = manifest.read_text().splitlines()
+    lines[0] = json.dumps({"image": "img/0.png", "texts": TEXTS + ["the blue one"]})  # one more phrase
+    manifest.write_text("\n".join(lines) + "\n")
+    scene(30, 20, seed=99).save(tmp_path / "img" / "3.png")  # another picture at the same path
+    rerun = _torchrun(*args, "--precision", "fp32", cwd=tmp_path)
+    assert "1 new pair(s) written, 18 reused, 2 recomputed, 10 row(s) failed" in rerun.stdout, rerun.stderr[-3000:]
+    predict_manifest(fp32, manifest, tmp_path / "fresh", workers=0, show_progress=False)
+    assert (tmp_path / "ddp" / "results.jsonl").read_text() == (tmp_path / "fresh" / "results.jsonl").read_text()
+    assert len(_replaced(tmp_path / "ddp")) == 2 and not list((tmp_path / "ddp").glob("results.rank*"))
+
+    refused = _torchrun(*args, "--precision", "bf16", cwd=tmp_path)  # every rank stops, none waits forever
+    assert refused.returncode != 0
+    assert refused.stderr.count("ddp holds results made with precision fp32 (this run: bf16); pass --fresh") == 2
+    assert (tmp_path / "ddp" / "results.jsonl").read_text() == (tmp_path / "fresh" / "results.jsonl").read_text()
 
 
 # ------------------------------------------------------------------------------ other inputs
@@ -221,7 +455,7 @@ def test_folder_input_with_pngs(tmp_path, model_dir):
     result = _run("photos", "-t", "the red box", "-t", "the left one", "-o", "out", "--model", str(model_dir),
                   "--workers", "1", "--save-png", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "6 pair(s) written, 0 skipped as already done, 0 row(s) failed" in result.stdout
+    assert "6 new pair(s) written, 0 reused, 0 recomputed, 0 row(s) failed" in result.stdout
     got = _results(tmp_path / "out")
     assert [(r["image"], r["text_index"]) for r in got] == [(f"photos/{n}", k) for n in ("a.jpg", "b.png", "c.PNG")
                                                             for k in (0, 1)]
@@ -239,7 +473,7 @@ def test_glob_input_and_rerun_skips_everything(tmp_path, model_dir):
     assert json.loads(first.stdout)["written"] == 3
     assert [r["image"] for r in _results(tmp_path / "out")] == ["shot0.png", "shot1.png", "shot2.png"]
     again = _run(*args, cwd=tmp_path)
-    assert (json.loads(again.stdout)["written"], json.loads(again.stdout)["skipped"]) == (0, 3)
+    assert (json.loads(again.stdout)["written"], json.loads(again.stdout)["reused"]) == (0, 3)
     nothing = _run("nope*.png", "-t", "x", "--model", str(model_dir), cwd=tmp_path)
     assert nothing.returncode == 2 and "matches no file" in nothing.stderr
 
@@ -253,12 +487,12 @@ def test_python_api(tmp_path, model_dir):
     model = load_pretrained(model_dir)
     summary = sharedris.predict_manifest(model, rows, tmp_path / "out", batch_size=3, workers=0,
                                          show_progress=False)
-    assert (summary.written, summary.skipped, summary.failed) == (6, 0, 1)
+    assert (summary.written, summary.reused, summary.failed) == (6, 0, 1)
     assert summary.results == tmp_path / "out" / "results.jsonl"
     assert [e["line"] for e in _errors(tmp_path / "out")] == [5]
     rows[4]["image"] = str(tmp_path / "0.png")  # fixed: only that row runs again
     summary = sharedris.predict_manifest(model, rows, tmp_path / "out", workers=0, show_progress=False)
-    assert (summary.written, summary.skipped, summary.failed) == (1, 6, 0)
+    assert (summary.written, summary.reused, summary.failed) == (1, 6, 0)
     assert _errors(tmp_path / "out") == []
     with pytest.raises(ValueError, match="batch size"):
         sharedris.predict_manifest(model, rows, tmp_path / "out", batch_size=0)

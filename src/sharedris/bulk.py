@@ -1,4 +1,4 @@
-"""Bulk prediction: a manifest of (image, expressions) rows -> ``results.jsonl``, resumable, on any number of ranks.
+"""Bulk prediction: a manifest of (image, expressions) rows -> ``results.jsonl``, rerunnable, on any number of ranks.
 
 The engine behind ``sharedris predict --manifest`` (and several images, a folder or a glob) and
 :func:`predict_manifest`:
@@ -6,19 +6,40 @@ The engine behind ``sharedris predict --manifest`` (and several images, a folder
 * **Input.** JSON Lines (``{"image": ..., "texts": [...], "id": ...}`` per line) or CSV
   (``image,text[,id]``, one pair per row); relative image paths are relative to the manifest's
   folder. Each row is checked on its own: a bad row is reported, never fatal.
-* **Throughput.** DataLoader workers decode and preprocess images with the picklable
+* **Throughput.** DataLoader workers read, hash, decode and preprocess images with the picklable
   :class:`~sharedris.predictor.ImagePreprocessor`; (image, expression) pairs of several images are
   packed into one forward pass of up to ``batch_size`` pairs; ``lanes`` batches run in the model at
   once, each in its own thread, and their outputs are taken in the order they started; each image
   is post-processed with :meth:`~sharedris.predictor.Predictor.postprocess` at its displayed size.
-* **Output.** One JSON line per pair, appended and flushed in manifest order, so a reader can
-  follow the file as it grows; bad rows go to ``errors.jsonl``.
-* **Resume.** A rerun reads the pairs already in the results file and skips them. Lines are
-  written whole and flushed one by one, so a kill can leave at most a torn last line; it is cut
-  off before anything is appended.
-* **Ranks.** Under torchrun rank ``r`` of ``N`` takes rows ``r, r + N, ...``, writes
-  ``results.rank{r}.jsonl``, and rank 0 merges the parts into ``results.jsonl`` in manifest
-  order once every rank is done.
+* **Output.** One JSON line per pair. A line predicted now is appended and flushed as soon as it
+  and the lines before it are done, so a reader can follow the file as it grows; bad rows go to
+  ``errors.jsonl``. When the run ends, ``results.jsonl`` holds exactly the lines a fresh run with
+  the same inputs writes, in manifest order.
+* **Reruns.** A pair is already done when the folder holds a line for the same image (the path as
+  written and the SHA-256 of the file's bytes, ``image_sha256``) and the same expression, and the
+  folder's ``run.json`` names the same model and settings (:func:`run_settings`: a SHA-256 of the
+  model's config, tokenizer, vocabulary and weights as they run, the precision, the runtime and the
+  presence threshold), written once per folder because every line in it shares them. Such a line
+  is reused, with the pair's own ``id`` and ``text_index``; every other pair is predicted. Lines
+  no pair uses any more (their image or expression changed, or the manifest no longer has them)
+  are moved to ``replaced.jsonl``, never silently dropped. A folder whose ``run.json`` names
+  another model or other settings is refused (:class:`ResultsMismatch`) unless ``fresh`` discards
+  its results.
+
+  Why a hash of the bytes, not size and modification time: those miss a file rewritten within the
+  clock's resolution or copied with its times kept (``cp -p``, ``rsync -t``), while hashing costs
+  little next to decoding (on a 2-core CPU a 640x480 PNG hashed in 1.3 ms and decoded in 20 ms, a
+  JPEG 0.07 ms against 1.4 ms). The worker hashes the very bytes it decodes, so no second read
+  and no window in which the file could change between the two; it skips decoding an image whose
+  every pair is reused.
+* **Crash safety.** Lines are written whole and flushed one by one, so a kill can leave at most a
+  torn last line; it is cut off before anything is appended. At the end the dropped lines are
+  appended to ``replaced.jsonl`` first, then ``results.jsonl`` is written to a temporary file and
+  renamed over the old one (not at all when it already is what a fresh run writes).
+* **Ranks.** Under torchrun rank 0 checks (or writes) ``run.json`` before any rank reads the
+  folder; rank ``r`` of ``N`` takes rows ``r, r + N, ...``, reuses lines of ``results.jsonl`` and
+  of its own part ``results.rank{r}.jsonl``, appends what it predicts to that part, and once every
+  rank is done rank 0 writes ``results.jsonl`` from every rank's lines in manifest order.
 
 docs/bulk.md describes the formats and the rerun behaviour for users.
 """
@@ -27,14 +48,16 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import os
+import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -54,6 +77,9 @@ from sharedris.train.distributed import init_distributed
 
 RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"
+REPLACED = "replaced.jsonl"
+RUN = "run.json"
+PARTS = "results.rank*.jsonl"
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
@@ -114,18 +140,44 @@ class Manifest:
 ManifestInput = Union[str, Path, Iterable[Mapping[str, Any]], Manifest]
 
 
+
+
 @dataclass(frozen=True)
 class BulkSummary:
-    """What a bulk run did, over all ranks: pairs written now, pairs skipped because an earlier run
-    wrote them, rows that failed (listed in ``errors``), and the words of the expressions written
-    now that the model does not know (first seen first; empty for an open vocabulary)."""
+    """What a bulk run did, over all ranks. In pairs: ``written``, new to the folder and predicted
+    now; ``reused`` from an earlier run (same image bytes, expression, model and settings);
+    ``recomputed``, predicted again because the folder's line for that id and text index answered
+    another image or expression. In rows: ``failed`` (listed in ``errors``). ``unknown_words``: the
+    words of the expressions in ``results`` that the model does not know (first seen first; empty
+    for an open vocabulary)."""
 
     written: int
-    skipped: int
+    reused: int
+    recomputed: int
     failed: int
     results: Path
     errors: Path
     unknown_words: tuple[str, ...] = ()
+
+
+class ResultsMismatch(ValueError):
+    """The output folder holds results of another model or other settings; nothing was changed.
+
+    ``differences`` name them (``"precision bf16 (this run: fp32)"``). ``str()`` is one sentence
+    naming the ``fresh=True`` keyword; :meth:`sentence` names another way to start afresh (the
+    command line's ``--fresh``).
+    """
+
+    def __init__(self, folder: str | Path, differences: Sequence[str]) -> None:
+        self.folder, self.differences = Path(folder), tuple(differences)
+        super().__init__(self.sentence("fresh=True"))
+
+    def sentence(self, fresh: str) -> str:
+        return (f"{self.folder} holds results made with {' and '.join(self.differences)}; pass {fresh} to "
+                "discard them and start afresh, or write to another folder")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # ranks pass it on
+        return type(self), (self.folder, self.differences)
 
 
 # ------------------------------------------------------------------------------------ manifests
@@ -264,18 +316,137 @@ def is_single_image(images: Sequence[str]) -> bool:
             and (Path(images[0]).exists() or not glob.has_magic(images[0])))
 
 
+
+
+# ------------------------------------------------------------------------ model and settings
+def run_settings(predictor: Predictor, model: nn.Module | None = None) -> dict[str, Any]:
+    """What decides every answer besides the image and the expression, as ``run.json`` stores it.
+
+    ``model_sha256`` covers the model's config, tokenizer file, vocabulary and weights. The weights
+    are those that run: on PyTorch the predictor's module (the model at fp32, its bf16 or int8 copy
+    otherwise, the same bytes for the same model and precision); an OpenVINO predictor runs a
+    compiled model whose weights cannot be read, so there ``model``, the module it was built from,
+    is read instead. Then ``precision`` (the concrete one), ``runtime`` and ``presence_threshold``.
+    The device, batch size, lanes and threads are left out: like two machines, they change results
+    only at the level of floating-point rounding.
+
+    Raises:
+        ValueError: an OpenVINO predictor without ``model``.
+    """
+    module = predictor.runner.module if predictor.runtime == "torch" else model
+    if module is None:
+        raise ValueError("an OpenVINO Predictor does not expose the weights that identify its results; pass "
+                         "the model itself with runtime='openvino'")
+    digest = hashlib.sha256()
+    vocabulary = None if predictor.vocabulary is None else sorted(predictor.vocabulary)
+    digest.update(json.dumps([predictor.config.to_dict(), vocabulary], sort_keys=True).encode())
+    digest.update(predictor.tokenizer.model_file.read_bytes())
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        _hash_tensor(digest, tensor)
+    return {"model_sha256": digest.hexdigest(), "precision": predictor.precision, "runtime": predictor.runtime,
+            "presence_threshold": predictor.presence_threshold}
+
+
+def _hash_tensor(digest: Any, tensor: Tensor) -> None:
+    """Feed ``tensor``'s dtype, shape and bytes to ``digest``; a tensor subclass (int8 weights) by its inner tensors."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        for name in tensor.__tensor_flatten__()[0]:
+            digest.update(name.encode())
+            _hash_tensor(digest, getattr(tensor, name))
+        return
+    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _differences(earlier: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """What ``earlier`` settings (a folder's run.json) say that ``now`` does not, in words."""
+    named = [(f"{key.replace('_', ' ')} {earlier.get(key)} (this run: {now[key]})")
+             for key in ("precision", "runtime", "presence_threshold") if earlier.get(key) != now[key]]
+    # weights hashed at another precision or runtime differ anyway: name the model only when those agree
+    if not named and earlier.get("model_sha256") != now["model_sha256"]:
+        named.append(f"another model (sha256 {str(earlier.get('model_sha256'))[:12]}..., this run: "
+                     f"{now['model_sha256'][:12]}...)")
+    return named or ["other settings"]
+
+
+def _open_folder(out: Path, settings: Mapping[str, Any], fresh: bool) -> None:
+    """Make ``out`` a folder whose every result line was made with ``settings`` (rank 0, before any rank reads it).
+
+    ``fresh`` first deletes the earlier results (results.jsonl, its rank parts, replaced.jsonl,
+    run.json). A folder without a readable run.json (new, or written before run.json existed) gets
+    one; result lines already there, of unknown origin, move to replaced.jsonl.
+
+    Raises:
+        ResultsMismatch: run.json names another model or other settings.
+    """
+    run = out / RUN
+    if fresh:
+        for path in (out / RESULTS, out / REPLACED, run, *out.glob(PARTS)):
+            path.unlink(missing_ok=True)
+    try:
+        earlier = json.loads(run.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict):
+        if earlier != dict(settings):
+            raise ResultsMismatch(out, _differences(earlier, settings))
+        return
+    sources = [out / RESULTS, *sorted(out.glob(PARTS))]
+    _archive(out, [line for src in sources for line in _recover(src)])
+    for src in sources:
+        src.unlink(missing_ok=True)
+    atomic_write(run, lambda tmp: tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8"))
+
+
 # --------------------------------------------------------------------------------- result files
-def _key(record: Mapping[str, Any]) -> tuple[str, int]:
-    return str(record["id"]), int(record["text_index"])
+@dataclass(frozen=True, slots=True)
+class _Line:
+    """A whole line of a results file: where it is, the pair it was written for, and what it answers."""
+
+    source: str  # its file's name in the output folder
+    offset: int
+    length: int
+    id: str | int
+    k: int  # text_index
+    image: str
+    sha256: str | None  # image_sha256; None in a line written before it existed (never reused)
+    key: bytes | None  # _key(image, sha256, text)
+    pngs: tuple[str | None, str] | None  # (mask_png, overlay_png), when it has them
 
 
-def _scan(path: Path) -> tuple[list[tuple[tuple[str, int], int, int]], int]:
-    """The whole lines of a results file: ``[(key, offset, length)]``, and where the last one ends.
+class _Entry(NamedTuple):
+    """A pair's line in the results a run ends with: manifest line and text index (the order), and where the line is."""
+
+    line: int
+    k: int
+    source: str
+    offset: int
+    length: int
+    verbatim: bool  # False: a reused line whose id, text_index or PNG fields change
+
+
+def _key(image: str, sha256: str, text: str) -> bytes:
+    """What makes two pairs the same question: the image path as written, its bytes' SHA-256, the expression."""
+    return hashlib.blake2b(json.dumps([image, sha256, text]).encode(), digest_size=16).digest()
+
+
+def _parse(source: str, raw: bytes, offset: int) -> _Line:
+    record = json.loads(raw)
+    image, sha256 = sys.intern(record["image"]), record.get("image_sha256")
+    sha256 = None if sha256 is None else sys.intern(sha256)
+    return _Line(source, offset, len(raw), record["id"], int(record["text_index"]), image, sha256,
+                 None if sha256 is None else _key(image, sha256, record["text"]),
+                 (record.get("mask_png"), record["overlay_png"]) if "overlay_png" in record else None)
+
+
+def _scan(path: Path) -> tuple[list[_Line], int]:
+    """The whole lines of a results file, and where the last one ends.
 
     Reading stops at the first line that is torn (no newline) or not a result; everything from
     there on is what a kill left behind.
     """
-    lines: list[tuple[tuple[str, int], int, int]] = []
+    lines: list[_Line] = []
     end = 0
     if not path.exists():
         return lines, end
@@ -284,32 +455,36 @@ def _scan(path: Path) -> tuple[list[tuple[tuple[str, int], int, int]], int]:
             if not raw.endswith(b"\n"):
                 break
             try:
-                key = _key(json.loads(raw))
-            except (ValueError, KeyError, TypeError):
+                lines.append(_parse(path.name, raw, end))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 break
-            lines.append((key, end, len(raw)))
             end += len(raw)
     return lines, end
 
 
-def _recover(path: Path) -> set[tuple[str, int]]:
-    """Keys of the pairs in ``path``, after cutting off a torn tail so that appending is safe."""
+def _recover(path: Path) -> list[_Line]:
+    """The lines of ``path``, after cutting off a torn tail so that appending is safe."""
     lines, end = _scan(path)
     if path.exists() and path.stat().st_size > end:
         with open(path, "r+b") as f:
             f.truncate(end)
-    return {key for key, _, _ in lines}
+    return lines
 
 
 class _JsonlWriter:
     """Whole lines, each flushed at once: a reader (or a kill) sees complete lines plus at most one torn one."""
 
     def __init__(self, path: Path, mode: str) -> None:
+        self.name = path.name
         self.file = open(path, mode + "b")
 
-    def write(self, record: Mapping[str, Any]) -> None:
-        self.file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    def write(self, record: Mapping[str, Any]) -> tuple[int, int]:
+        """Write ``record`` as a line; return where it starts and its length in bytes."""
+        raw = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        offset = self.file.tell()
+        self.file.write(raw)
         self.file.flush()
+        return offset, len(raw)
 
     def close(self) -> None:
         self.file.close()
@@ -325,33 +500,61 @@ def _replace(path: Path, chunks: Iterable[bytes]) -> None:
     atomic_write(path, write)
 
 
-def _merge_results(out_dir: Path, manifest: Manifest) -> None:
-    """``results.jsonl`` and the rank parts -> ``results.jsonl`` in manifest order, each pair once; parts removed."""
-    order = {(str(r.id), k): (i, k) for i, r in enumerate(manifest.rows) if isinstance(r, Row)
-             for k in range(len(r.texts))}
-    sources = [out_dir / RESULTS] + sorted(out_dir.glob("results.rank*.jsonl"))
-    entries = []
-    for s, src in enumerate(sources):
-        for key, offset, length in _scan(src)[0]:
-            # pairs the manifest no longer has keep their place after all of its own
-            entries.append((order.get(key, (len(manifest.rows), 0)), s, offset, length, key))
-    entries.sort()
+def _read_lines(out_dir: Path, places: Iterable[tuple[str, int, int]]) -> Iterator[bytes]:
+    """The bytes at each ``(file name, offset, length)`` of ``places``, files in ``out_dir``."""
+    files: dict[str, Any] = {}
+    try:
+        for source, offset, length in places:
+            if source not in files:
+                files[source] = open(out_dir / source, "rb")
+            files[source].seek(offset)
+            yield files[source].read(length)
+    finally:
+        for f in files.values():
+            f.close()
 
-    def chunks() -> Iterator[bytes]:
-        files = [open(src, "rb") if src.exists() else None for src in sources]
-        try:
-            seen: set[tuple[str, int]] = set()
-            for _, s, offset, length, key in entries:
-                if key not in seen:  # a part merged before a kill could repeat what results.jsonl has
-                    seen.add(key)
-                    files[s].seek(offset)
-                    yield files[s].read(length)
-        finally:
-            for f in files:
-                if f is not None:
-                    f.close()
 
-    _replace(out_dir / RESULTS, chunks())
+def _archive(out_dir: Path, lines: Sequence[_Line]) -> None:
+    """Append ``lines`` (of files in ``out_dir``) to replaced.jsonl, on disk before it returns."""
+    if not lines:
+        return
+    _recover(out_dir / REPLACED)  # a kill while appending may have torn its last line
+    with open(out_dir / REPLACED, "ab") as f:
+        for raw in _read_lines(out_dir, ((line.source, line.offset, line.length) for line in lines)):
+            f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _reused_line(raw: bytes, row: Row, k: int, save_png: bool) -> bytes:
+    """A reused line as pair ``k`` of ``row`` has it: its id and text index, PNG fields only with ``save_png``."""
+    record = json.loads(raw)
+    record.update(id=row.id, text_index=k)
+    if not save_png:
+        record.pop("mask_png", None)
+        record.pop("overlay_png", None)
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _finish_results(out_dir: Path, manifest: Manifest, entries: Sequence[_Entry], save_png: bool) -> None:
+    """``results.jsonl`` := the lines of ``entries`` in manifest order, as a fresh run writes them; parts removed.
+
+    Lines of results.jsonl and the rank parts that no entry uses go to replaced.jsonl first.
+    """
+    entries = sorted(entries)
+    sources = [out_dir / RESULTS, *sorted(out_dir.glob(PARTS))]
+    used = {(e.source, e.offset) for e in entries}
+    present, end = _scan(sources[0])
+    others = [line for src in sources[1:] for line in _scan(src)[0]]
+    _archive(out_dir, [line for line in present + others if (line.source, line.offset) not in used])
+    as_is = (sources[0].exists() and end == sources[0].stat().st_size and not others
+             and all(e.verbatim for e in entries)
+             and [(e.source, e.offset) for e in entries] == [(line.source, line.offset) for line in present])
+    if not as_is:  # results.jsonl is not yet what a fresh run writes
+        rows = {r.line: r for r in manifest.rows if isinstance(r, Row)}
+        raws = _read_lines(out_dir, ((e.source, e.offset, e.length) for e in entries))
+        _replace(out_dir / RESULTS, (raw if e.verbatim else _reused_line(raw, rows[e.line], e.k, save_png)
+                                     for e, raw in zip(entries, raws)))
     for src in sources[1:]:
         src.unlink()
 
@@ -369,10 +572,13 @@ def _merge_errors(out_dir: Path, sources: Sequence[Path]) -> None:
             src.unlink()
 
 
+
 # ----------------------------------------------------------------------------------- the engine
 class _Images(Dataset):
-    """Decoded, preprocessed images in DataLoader workers: ``(index, array (3, S, S), (H, W))``,
-    or ``(index, None, reason)`` for an image that cannot be read.
+    """Images read, hashed, decoded and preprocessed in DataLoader workers: ``(index, array (3, S, S),
+    (H, W), SHA-256 of the file's bytes)``; ``(index, None, reason, None)`` for an image that cannot
+    be read; ``(index, None, None, SHA-256)`` when the file still has the hash ``expected`` gives for
+    that index (every pair of the image is reused, so it is not decoded).
 
     Arrays, not tensors: a worker's tensor reaches the main process through a shared-memory file
     whose descriptor is handed over on a fresh authenticated connection, which cost the main thread
@@ -380,20 +586,28 @@ class _Images(Dataset):
     copied through the worker's pipe (kept as is by :func:`_as_is`).
     """
 
-    def __init__(self, paths: Sequence[Path], preprocess: ImagePreprocessor) -> None:
-        self.paths, self.preprocess = list(paths), preprocess
+    def __init__(self, paths: Sequence[Path], preprocess: ImagePreprocessor, expected: Mapping[int, str]) -> None:
+        self.paths, self.preprocess, self.expected = list(paths), preprocess, dict(expected)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, tuple[int, int] | str]:
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, tuple[int, int] | str | None, str | None]:
+        path = self.paths[i]
         try:
-            x, size = self.preprocess(self.paths[i])
+            data = path.read_bytes()  # hashed and decoded: the file is read once
+        except FileNotFoundError:
+            return i, None, f"image {path} does not exist", None
+        except OSError as e:  # e.g. a folder, or no permission to read it
+            return i, None, f"image {path} cannot be read ({(e.strerror or str(e)).lower()})", None
+        sha256 = hashlib.sha256(data).hexdigest()
+        if self.expected.get(i) == sha256:
+            return i, None, None, sha256
+        try:
+            x, size = self.preprocess(load_image(data, name=str(path)))
         except ImageError as e:
-            return i, None, str(e)
-        except OSError as e:  # e.g. no permission to read it
-            return i, None, f"image {self.paths[i]} cannot be read ({(e.strerror or str(e)).lower()})"
-        return i, x.numpy(), size
+            return i, None, str(e), None
+        return i, x.numpy(), size, sha256
 
 
 def _as_is(item: Any) -> Any:
@@ -406,7 +620,8 @@ class _Job:
     """The pairs of one row still to predict, and the model outputs gathered for them so far."""
 
     row: Row
-    pending: list[int]  # text indices
+    pending: list[int] = field(default_factory=list)  # text indices
+    sha256: str = ""  # of the image file's bytes
     image: Tensor | None = None  # (3, S, S)
     size: tuple[int, int] = (0, 0)
     ids: Tensor | None = None  # (P, L)
@@ -415,59 +630,123 @@ class _Job:
     done: int = 0  # pairs whose outputs are in
 
 
+Plan = tuple[Union[str, None], list[list[Union[_Line, None]]]]  # an image's hash, and per row and pair its line
+
+
 class _Run:
-    """One rank's work: jobs -> batches of pairs -> the model -> result lines in order."""
+    """One rank's work: jobs -> reused lines, or batches of pairs -> the model -> result lines in order.
+
+    ``earlier``: the lines already in the folder (all made with the run's model and settings).
+    """
 
     def __init__(self, predictor: Predictor, out_dir: Path, results: _JsonlWriter, errors: _JsonlWriter,
-                 batch_size: int, save_png: bool, bar: Any, lanes: int) -> None:
+                 batch_size: int, save_png: bool, bar: Any, lanes: int, earlier: Sequence[_Line]) -> None:
         self.predictor, self.out_dir, self.results, self.errors = predictor, out_dir, results, errors
         self.batch_size, self.save_png, self.bar, self.lanes = batch_size, save_png, bar, lanes
+        self.done = {line.key: line for line in earlier if line.key is not None}
+        self.latest = {line.image: line.sha256 for line in earlier if line.sha256 is not None}
+        self.positions = {(str(line.id), line.k) for line in earlier}  # pairs a line was written for
+        self.entries: list[_Entry] = []  # the line of every pair done, reused or predicted
         self.queue: deque[tuple[_Job, int]] = deque()  # pairs waiting for the model: (job, position in pending)
         self.open: deque[_Job] = deque()  # jobs with outputs still missing, in manifest order
         # batches in the model, oldest first: their outputs are taken in this order, so lines stay in order
         self.running: deque[tuple[list[tuple[_Job, int]], Future[SegmenterOutput]]] = deque()
-        self.written = self.failed = 0
-        self.unknown: dict[str, None] = {}  # unknown words met, in order
+        self.written = self.reused = self.recomputed = self.failed = 0
 
     def fail(self, row: Row | BadRow, reason: str | None = None) -> None:
         bad = row if isinstance(row, BadRow) else BadRow(row.line, reason or "", row.id, row.image)
         self.errors.write(bad.record())
         self.failed += 1
 
+    def unknown_words(self, rows: Iterable[Row]) -> list[str]:
+        """The unknown words of the pairs done, in manifest order: the same whether a pair was reused or predicted."""
+        texts = {(r.line, k): t for r in rows for k, t in enumerate(r.texts)}
+        words = (self.predictor.unknown_words(texts[e.line, e.k]) for e in sorted(self.entries))
+        return list(dict.fromkeys(w for pair in words for w in pair))
+
+    def _png_paths(self, row: Row, k: int) -> tuple[Path, Path]:
+        """Where pair ``k`` of ``row`` has its mask and overlay PNGs."""
+        stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(row.id))
+        return self.out_dir / f"{stem}__{k}_mask.png", self.out_dir / f"{stem}__{k}_overlay.png"
+
+    def _reusable(self, row: Row, k: int, sha256: str | None) -> _Line | None:
+        """The line that answers pair ``k`` of ``row`` if its image has ``sha256``; with ``save_png``
+        only one whose PNGs have the names this pair's have and are there."""
+        line = None if sha256 is None else self.done.get(_key(row.image, sha256, row.texts[k]))
+        if line is None or not self.save_png:
+            return line
+        mask, overlay_path = (str(p) for p in self._png_paths(row, k))
+        if line.pngs is None or line.pngs[0] not in (None, mask) or line.pngs[1] != overlay_path:
+            return None
+        return line if all(Path(p).is_file() for p in line.pngs if p is not None) else None
+
+    def _lines(self, group: list[_Job], sha256: str | None) -> list[list[_Line | None]]:
+        return [[self._reusable(job.row, k, sha256) for k in range(len(job.row.texts))] for job in group]
+
+    def _plan(self, group: list[_Job]) -> Plan:
+        sha256 = self.latest.get(group[0].row.image)
+        return sha256, self._lines(group, sha256)
+
     def run(self, jobs: Sequence[_Job], workers: int) -> None:
         # consecutive rows of the same image (a CSV with several expressions per image) decode it once
         groups = [list(g) for _, g in groupby(jobs, key=lambda j: j.row.path)]
-        loader = DataLoader(_Images([g[0].row.path for g in groups], self.predictor.preprocess_image),
+        # per image, the lines its last known hash answers; an image whose pairs they all answer is not decoded
+        plans = [self._plan(g) for g in groups]
+        expected = {i: sha for i, (sha, lines) in enumerate(plans)
+                    if sha is not None and all(line is not None for row in lines for line in row)}
+        loader = DataLoader(_Images([g[0].row.path for g in groups], self.predictor.preprocess_image, expected),
                             batch_size=None, num_workers=workers, collate_fn=_as_is)
         if self.lanes == 1:
-            self._run(groups, loader, None)
+            self._run(groups, plans, loader, None)
             return
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // self.lanes))  # the lanes share the model's threads
         try:
             with ThreadPoolExecutor(self.lanes, thread_name_prefix="sharedris-lane") as pool:
-                self._run(groups, loader, pool)
+                self._run(groups, plans, loader, pool)
         finally:
             torch.set_num_threads(threads)
 
-    def _run(self, groups: list[list[_Job]], loader: DataLoader, pool: ThreadPoolExecutor | None) -> None:
-        for i, image, info in loader:
-            if image is None:
+    def _run(self, groups: list[list[_Job]], plans: list[Plan], loader: DataLoader,
+             pool: ThreadPoolExecutor | None) -> None:
+        for i, image, info, sha256 in loader:
+            if sha256 is None:
                 for job in groups[i]:
                     self.fail(job.row, str(info))
-                    self.bar.update(len(job.pending))  # done with, if not written
+                    self.bar.total -= len(job.row.texts)  # the bar counts the pairs that get a line
                 continue
-            for job in groups[i]:
-                job.image, job.size = torch.from_numpy(image), info
-                job.ids, job.pad = self.predictor.prepare_texts([job.row.texts[k] for k in job.pending])
-                self.open.append(job)
-                self.queue.extend((job, n) for n in range(len(job.pending)))
+            planned, lines = plans[i]
+            for job, row_lines in zip(groups[i], lines if sha256 == planned else self._lines(groups[i], sha256)):
+                self._take(job, row_lines, sha256, image, info)
             while len(self.queue) >= self.batch_size:
                 self._forward(self.batch_size, pool)
         while self.queue:
             self._forward(min(self.batch_size, len(self.queue)), pool)
         while self.running:
             self._collect()
+
+    def _take(self, job: _Job, lines: list[_Line | None], sha256: str, image: np.ndarray | None,
+              size: tuple[int, int]) -> None:
+        """Reuse the pairs of ``job`` that ``lines`` answer; queue the others for the model."""
+        job.sha256 = sha256
+        for k, line in enumerate(lines):
+            if line is None:
+                job.pending.append(k)
+                continue
+            same = (type(line.id), line.id, line.k) == (type(job.row.id), job.row.id, k)
+            self.entries.append(_Entry(job.row.line, k, line.source, line.offset, line.length,
+                                       same and (self.save_png or line.pngs is None)))
+            self.reused += 1
+        self._progress(len(lines) - len(job.pending))
+        if job.pending:
+            job.image, job.size = torch.from_numpy(image), size
+            job.ids, job.pad = self.predictor.prepare_texts([job.row.texts[k] for k in job.pending])
+            self.open.append(job)
+            self.queue.extend((job, n) for n in range(len(job.pending)))
+
+    def _progress(self, pairs: int) -> None:
+        self.bar.set_postfix(new=self.written, reused=self.reused, recomputed=self.recomputed, refresh=False)
+        self.bar.update(pairs)
 
     def _forward(self, n: int, pool: ThreadPoolExecutor | None) -> None:
         """Start the model on the next ``n`` queued pairs in a lane (here without ``pool``); with
@@ -502,33 +781,36 @@ class _Run:
         pred = self.predictor.postprocess(output, *job.size, texts=[job.row.texts[k] for k in job.pending])
         image = load_image(job.row.path) if self.save_png else None
         for n, k in enumerate(job.pending):
-            record = _record(job.row, k, pred, n)
-            self.unknown.update(dict.fromkeys(record["unknown_words"]))
+            record = _record(job.row, k, job.sha256, pred, n)
             if image is not None:  # PNGs first: a line in results.jsonl means its files are complete
                 record.update(self._pngs(job.row, k, image, pred, n))
-            self.results.write(record)
-        self.written += len(job.pending)
-        self.bar.update(len(job.pending))
+            offset, length = self.results.write(record)
+            self.entries.append(_Entry(job.row.line, k, self.results.name, offset, length, True))
+            if (str(job.row.id), k) in self.positions:
+                self.recomputed += 1
+            else:
+                self.written += 1
+        self._progress(len(job.pending))
         job.image = job.ids = job.pad = None
         job.outputs = []
 
     def _pngs(self, row: Row, k: int, image: Image.Image, pred: Prediction, n: int) -> dict[str, str | None]:
         """The mask and overlay PNGs of pair ``k`` of ``row`` (``n`` in ``pred``); no mask PNG for "no match"."""
-        stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(row.id))
-        mask_path = self.out_dir / f"{stem}__{k}_mask.png"
-        overlay_path = self.out_dir / f"{stem}__{k}_overlay.png"
+        mask_path, overlay_path = self._png_paths(row, k)
         mask, matched = pred.masks[n], bool(pred.matched[n])
         if matched:
             Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        else:  # an earlier answer's mask
+            mask_path.unlink(missing_ok=True)
         overlay(image, mask, row.texts[k], score=float(pred.scores[n]), present=float(pred.present[n]),
                 matched=matched).save(overlay_path)
         return {"mask_png": str(mask_path) if matched else None, "overlay_png": str(overlay_path)}
 
 
-def _record(row: Row, k: int, pred: Prediction, n: int) -> dict[str, Any]:
-    """Pair ``k`` of ``row`` as a results line; ``n`` is its index in ``pred``."""
+def _record(row: Row, k: int, sha256: str, pred: Prediction, n: int) -> dict[str, Any]:
+    """Pair ``k`` of ``row``, whose image file has ``sha256``, as a results line; ``n`` is its index in ``pred``."""
     height, width = pred.masks.shape[1:]
-    return {"id": row.id, "text_index": k, "image": row.image, "text": row.texts[k],
+    return {"id": row.id, "text_index": k, "image": row.image, "image_sha256": sha256, "text": row.texts[k],
             "matched": bool(pred.matched[n]), "present": round(float(pred.present[n]), 4),
             "score": round(float(pred.scores[n]), 4), "height": int(height), "width": int(width),
             "rle": encode_rle(pred.masks[n]), "unknown_words": pred.unknown_words[n]}
@@ -578,41 +860,78 @@ def default_workers(device: torch.device) -> int:
     return max(0, min(2, spare))
 
 
+
+
+def _predictor(model: nn.Module | Predictor, device: torch.device | str, precision: str, presence_threshold: float,
+               runtime: str) -> tuple[Predictor, dict[str, Any]]:
+    """The predictor to run (``model``, or one built from it on this rank's device) and its :func:`run_settings`."""
+    if isinstance(model, Predictor):
+        if _world_size() > 1 and not dist.is_initialized():
+            init_distributed(model.device.type)
+        return model, run_settings(model)
+    predictor = Predictor(model, device=rank_device(device), precision=precision,
+                          presence_threshold=presence_threshold, runtime=runtime)
+    return predictor, run_settings(predictor, model)
+
+
+def _on_rank_0(work: Callable[[], None], rank: int, world: int) -> None:
+    """``work()`` on rank 0 while the other ranks wait; what it raises is raised on every rank."""
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            work()
+        except Exception as e:  # passed on, so that no rank waits for the others forever
+            error = e
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+
+
 def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_dir: str | Path, *,
                      device: torch.device | str = "cpu", precision: str = "fp32", presence_threshold: float = 0.5,
-                     batch_size: int = 16, workers: int | None = None, lanes: int | None = None,
-                     save_png: bool = False, show_progress: bool = True) -> BulkSummary:
+                     runtime: str = "torch", batch_size: int = 16, workers: int | None = None,
+                     lanes: int | None = None, save_png: bool = False, show_progress: bool = True,
+                     fresh: bool = False) -> BulkSummary:
     """Segment every (image, expression) pair of ``manifest`` into ``out_dir/results.jsonl``.
 
-    Each results line is ``{"id", "text_index", "image", "text", "matched", "present", "score",
-    "height", "width", "rle", "unknown_words"}`` (COCO RLE at the displayed size, empty where
-    ``matched`` is false: the expression matches nothing; the expression's words the model does
-    not know); bad rows go to ``out_dir/errors.jsonl`` as
-    ``{"line", "id", "image", "reason"}``. Pairs already in ``results.jsonl`` are skipped, so a
-    rerun after a crash continues where it stopped; ``errors.jsonl`` is rewritten by every run and
-    lists the rows that failed in it. Under torchrun every rank calls this; see the module docstring.
+    Each results line is ``{"id", "text_index", "image", "image_sha256", "text", "matched",
+    "present", "score", "height", "width", "rle", "unknown_words"}`` (the SHA-256 of the image
+    file's bytes; COCO RLE at the displayed size, empty where ``matched`` is false: the expression
+    matches nothing; the expression's words the model does not know); bad rows go to
+    ``out_dir/errors.jsonl`` as ``{"line", "id", "image", "reason"}``. ``out_dir/run.json`` holds
+    the model and settings (:func:`run_settings`). A rerun reuses every pair the folder already
+    answers (same image path and bytes, same expression) and predicts the others; afterwards
+    ``results.jsonl`` is exactly what a fresh run writes, and its lines that no pair uses went to
+    ``replaced.jsonl``. ``errors.jsonl`` is rewritten by every run and lists the rows that failed
+    in it. Under torchrun every rank calls this; see the module docstring.
 
     Args:
         model: a Shared-RIS model, or a :class:`~sharedris.predictor.Predictor` (then ``device``,
-            ``precision`` and ``presence_threshold`` are its own).
+            ``precision``, ``presence_threshold`` and ``runtime`` are its own; not an OpenVINO one,
+            whose weights cannot be read to identify the results).
         manifest: a JSON Lines or CSV file, row mappings, or a :class:`Manifest`
             (see :func:`read_manifest`).
         out_dir: the output folder (created).
-        device, precision, presence_threshold: as for :class:`~sharedris.predictor.Predictor`.
+        device, precision, presence_threshold, runtime: as for :class:`~sharedris.predictor.Predictor`.
         batch_size: pairs per forward pass, from several images.
-        workers: DataLoader worker processes decoding images (0 = in this process); None =
-            :func:`default_workers` for the predictor's device.
+        workers: DataLoader worker processes reading and decoding images (0 = in this process);
+            None = :func:`default_workers` for the predictor's device.
         lanes: batches in the model at once, each in its own thread with an equal share of torch's
             threads, while this thread decodes the next images and writes results in order; None =
             :func:`default_lanes` for the predictor's device. Torch's thread count is process-wide:
             with 2 or more lanes it is divided for the run and restored after.
         save_png: also write ``<id>__<text index>_mask.png`` (not for "no match") and ``_overlay.png`` per pair.
-        show_progress: a progress bar on stderr (rank 0 only).
+        show_progress: a progress bar of the pairs on stderr (rank 0 only).
+        fresh: first delete the folder's earlier results (results.jsonl, replaced.jsonl, run.json).
     Returns:
-        The counts of all ranks: pairs written, pairs skipped as already done, rows failed.
+        The counts of all ranks: pairs new, reused and recomputed, rows failed.
     Raises:
         ManifestError: the manifest cannot be read at all.
-        ValueError: ``batch_size`` or ``lanes`` below 1, or ``workers`` below 0.
+        ResultsMismatch: the folder holds results of another model or other settings (and not ``fresh``).
+        ValueError: ``batch_size`` or ``lanes`` below 1, ``workers`` below 0, or an OpenVINO Predictor.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -621,35 +940,22 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
     if lanes is not None and lanes < 1:
         raise ValueError(f"lanes must be 1 or more, got {lanes}")
     manifest = read_manifest(manifest)
-    if not isinstance(model, Predictor):
-        model = Predictor(model, device=rank_device(device), precision=precision,
-                          presence_threshold=presence_threshold)
-    elif _world_size() > 1 and not dist.is_initialized():
-        init_distributed(model.device.type)
-    if workers is None:
-        workers = default_workers(model.device)
-    if lanes is None:
-        lanes = default_lanes(model.device, model.runtime)
+    predictor, settings = _predictor(model, device, precision, presence_threshold, runtime)
+    workers = default_workers(predictor.device) if workers is None else workers
+    lanes = default_lanes(predictor.device, predictor.runtime) if lanes is None else lanes
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _on_rank_0(lambda: _open_folder(out, settings, fresh), rank, world)
     results_path = out / (RESULTS if world == 1 else f"results.rank{rank}.jsonl")
-    errors_path = out / (ERRORS if world == 1 else f"errors.rank{rank}.jsonl")
-
-    done = _recover(results_path) | (_recover(out / RESULTS) if world > 1 else set())
+    earlier = _recover(out / RESULTS) + (_recover(results_path) if world > 1 else [])
     mine = manifest.rows[rank::world]
-    jobs, skipped, total = [], 0, 0
-    for row in mine:
-        if isinstance(row, Row):
-            pending = [k for k in range(len(row.texts)) if (str(row.id), k) not in done]
-            skipped += len(row.texts) - len(pending)
-            total += len(row.texts)
-            if pending:
-                jobs.append(_Job(row, pending))
-
-    results, errors = _JsonlWriter(results_path, "a"), _JsonlWriter(errors_path, "w")
-    bar = progress(total=total, initial=skipped, desc="pairs", disable=not show_progress or rank != 0)
-    run = _Run(model, out, results, errors, batch_size, save_png, bar, lanes)
+    jobs = [_Job(row) for row in mine if isinstance(row, Row)]
+    results = _JsonlWriter(results_path, "a")
+    errors = _JsonlWriter(out / (ERRORS if world == 1 else f"errors.rank{rank}.jsonl"), "w")
+    bar = progress(total=sum(len(job.row.texts) for job in jobs), desc="pairs", unit="pair",
+                   disable=not show_progress or rank != 0)
+    run = _Run(predictor, out, results, errors, batch_size, save_png, bar, lanes, earlier)
     try:
         for row in mine:
             if isinstance(row, BadRow):
@@ -659,20 +965,27 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
         bar.close()
         results.close()
         errors.close()
+    return _finish(run, out, manifest, [job.row for job in jobs], rank, world)
 
-    counts = torch.tensor([run.written, skipped, run.failed], device=model.device)
-    unknown = [list(run.unknown)]
+
+def _finish(run: _Run, out: Path, manifest: Manifest, rows: list[Row], rank: int, world: int) -> BulkSummary:
+    """Once every rank is done: results.jsonl and errors.jsonl written (by rank 0), the counts of all ranks."""
+    counts = torch.tensor([run.written, run.reused, run.recomputed, run.failed], device=run.predictor.device)
+    mine = run.unknown_words(rows)
+    words: list[Any] = [mine]
+    entries: list[Any] | None = [run.entries]
     if world > 1:
         dist.barrier()  # every part is complete
         dist.all_reduce(counts)
-        unknown = [None] * world
-        dist.all_gather_object(unknown, list(run.unknown))
-        if rank == 0:
-            _merge_results(out, manifest)
-            _merge_errors(out, [out / f"errors.rank{r}.jsonl" for r in range(world)])
+        words = [None] * world
+        entries = [None] * world if rank == 0 else None  # gathered on rank 0 only
+        dist.all_gather_object(words, mine)
+        dist.gather_object(run.entries, entries, dst=0)
+    if rank == 0:
+        _finish_results(out, manifest, [e for part in entries for e in part], run.save_png)
+        _merge_errors(out, [out / (ERRORS if world == 1 else f"errors.rank{r}.jsonl") for r in range(world)])
+    if world > 1:
         dist.barrier()  # results.jsonl is whole for every rank on return
-    else:
-        _merge_errors(out, [errors_path])
-    written, skipped, failed = (int(c) for c in counts.tolist())
-    words = tuple(dict.fromkeys(w for part in unknown for w in part))
-    return BulkSummary(written, skipped, failed, out / RESULTS, out / ERRORS, words)
+    written, reused, recomputed, failed = (int(c) for c in counts.tolist())
+    return BulkSummary(written, reused, recomputed, failed, out / RESULTS, out / ERRORS,
+                       tuple(dict.fromkeys(w for part in words for w in part)))

@@ -183,10 +183,10 @@ def _load_model(name: str, device: str):
     return load_pretrained(name, device=device)
 
 
-def _log_precision(asked: str, predictor, device) -> None:
+def _log_precision(asked: str, precision: str, runtime: str, device) -> None:
     """One line on stderr saying which precision runs (``auto`` resolves per machine), and where."""
-    how = f"auto -> {predictor.precision}" if asked == "auto" else predictor.precision
-    runtime = "" if predictor.runtime == "torch" else f" (runtime {predictor.runtime})"
+    how = f"auto -> {precision}" if asked == "auto" else precision
+    runtime = "" if runtime == "torch" else f" (runtime {runtime})"
     print(f"precision: {how}{runtime} on {device}", file=sys.stderr)
 
 
@@ -223,7 +223,7 @@ def _predict_one(args: argparse.Namespace, image_path: str, device: torch.device
     out = _out_dir(args.out_dir)
     predictor = Predictor(_load_model(args.model, device), device=device, precision=args.precision,
                           presence_threshold=args.presence_threshold, runtime=args.runtime)
-    _log_precision(args.precision, predictor, device)
+    _log_precision(args.precision, predictor.precision, predictor.runtime, device)
     pred = predictor.predict(image, args.text)
     warning = unknown_words_line(args.model, predictor.description, pred.unknown_words)
     if warning:
@@ -252,36 +252,39 @@ def _predict_one(args: argparse.Namespace, image_path: str, device: torch.device
 
 
 def _predict_bulk(args: argparse.Namespace, device: torch.device) -> None:
-    """Many images or a manifest: results.jsonl (and errors.jsonl) in the output folder, resumable."""
-    from sharedris.bulk import image_rows, predict_manifest, rank_device, read_manifest
-    from sharedris.predictor import Predictor
+    """Many images or a manifest: results.jsonl (and errors.jsonl) in the output folder, rerunnable."""
+    from sharedris.bulk import ResultsMismatch, image_rows, predict_manifest, read_manifest
+    from sharedris.precision import resolve_precision
     from sharedris.render import unknown_words_line
     from sharedris.train.distributed import cleanup_distributed
 
     manifest = read_manifest(args.manifest if args.manifest is not None else image_rows(args.image, args.text))
     out = _out_dir(args.out_dir)
-    device = rank_device(device)
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
-        predictor = Predictor(_load_model(args.model, "cpu"), device=device, precision=args.precision,
-                              presence_threshold=args.presence_threshold, runtime=args.runtime)
+        model = _load_model(args.model, "cpu")
         if main_rank:
-            _log_precision(args.precision, predictor, device)
-        summary = predict_manifest(predictor, manifest, out, batch_size=args.batch_size, workers=args.workers,
-                                   lanes=args.lanes, save_png=args.save_png)
+            _log_precision(args.precision, resolve_precision(args.precision, device), args.runtime, device)
+        # the model itself, not a Predictor: its weights identify the results (run.json), whatever the runtime
+        summary = predict_manifest(model, manifest, out, device=device, precision=args.precision,
+                                   presence_threshold=args.presence_threshold, runtime=args.runtime,
+                                   batch_size=args.batch_size, workers=args.workers, lanes=args.lanes,
+                                   save_png=args.save_png, fresh=args.fresh)
+    except ResultsMismatch as e:
+        raise UserError(e.sentence("--fresh")) from None
     finally:
         cleanup_distributed()
     if not main_rank:
         return
-    warning = unknown_words_line(args.model, predictor.description, [summary.unknown_words])
+    warning = unknown_words_line(args.model, model.description, [summary.unknown_words])
     if warning:
         print(warning, file=sys.stderr)
     if args.json:
-        print(json.dumps({"written": summary.written, "skipped": summary.skipped, "failed": summary.failed,
-                          "results": str(summary.results), "errors": str(summary.errors),
+        print(json.dumps({"written": summary.written, "reused": summary.reused, "recomputed": summary.recomputed,
+                          "failed": summary.failed, "results": str(summary.results), "errors": str(summary.errors),
                           "unknown_words": list(summary.unknown_words)}))
     else:
-        print(f"{summary.written} pair(s) written, {summary.skipped} skipped as already done, "
+        print(f"{summary.written} new pair(s) written, {summary.reused} reused, {summary.recomputed} recomputed, "
               f"{summary.failed} row(s) failed -> {summary.results}")
     if summary.failed:
         raise UserError(f"{summary.failed} row(s) failed; their reasons are in {summary.errors}")
@@ -487,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="segment what each expression refers to in an image, many images or a manifest",
                         description="One image: mask and overlay PNGs per expression. Several images, a folder, a "
                                     "glob pattern or --manifest: results.jsonl (COCO RLE masks) in the output "
-                                    "folder, resumable, also under torchrun (see docs/bulk.md).",
+                                    "folder; a rerun reuses the pairs already done; also under torchrun (see "
+                                    "docs/bulk.md).",
                         epilog="An expression that matches nothing in the image (presence below "
                                "--presence-threshold, or not one pixel in its mask) prints 'no match' and gets no "
                                "mask PNG, only its overlay: the plain image captioned 'no match'; in --json its "
@@ -513,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bulk: batches in the model at once, sharing torch's threads (default: 2 on a CPU with "
                          "2 or more torch threads, 1 on a GPU or with --runtime openvino)")
     pr.add_argument("--save-png", action="store_true", help="bulk: also write mask and overlay PNGs per pair")
+    pr.add_argument("--fresh", action="store_true",
+                    help="bulk: delete the output folder's earlier results (results.jsonl, replaced.jsonl, run.json) "
+                         "and start afresh; without it a rerun reuses the pairs already done and refuses a folder "
+                         "made with another model, precision, runtime or presence threshold")
     pr.add_argument("--presence-threshold", type=_probability, default=0.5, help=PRESENCE_HELP)
     pr.add_argument("--json", action="store_true", help="print results (COCO RLE masks, scores, presence) as JSON; "
                                                        "bulk: the summary")
