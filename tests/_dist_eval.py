@@ -61,7 +61,7 @@ def evaluate_fixed_models() -> dict[str, Any]:
 
 
 def main(out: str) -> None:
-    from sharedris.train.distributed import cleanup_distributed, init_distributed
+    from sharedris.distributed import cleanup_distributed, init_distributed
 
     info = init_distributed("cpu")
     try:

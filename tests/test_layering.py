@@ -14,7 +14,7 @@ from pathlib import Path
 import sharedris
 
 SRC = Path(sharedris.__file__).parent
-BOTTOM = {"config", "checkpoint", "progress", "devices"}  # import nothing else of sharedris
+BOTTOM = {"config", "checkpoint", "progress", "devices", "distributed"}  # import nothing else of sharedris
 # What each lower part may import besides itself; parts not listed (cli, serve, predictor, ...) may
 # import anything, as long as no cycle forms.
 ALLOWED = {
@@ -66,6 +66,12 @@ def test_lower_layers_import_only_what_is_below_them():
 
 def test_training_imports_nothing_of_inference():
     wrong = [f"{file} imports {name}" for file, name in sorted(_imports()["train"]) if _part(name) in INFERENCE]
+    assert wrong == []
+
+
+def test_inference_imports_nothing_of_training():
+    wrong = [f"{file} imports {name}" for part in INFERENCE - {"cli"} for file, name in sorted(_imports()[part])
+             if _part(name) == "train"]
     assert wrong == []
 
 

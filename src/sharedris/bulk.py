@@ -73,7 +73,7 @@ from sharedris.predictor import ImagePreprocessor, Prediction, Predictor
 from sharedris.progress import progress
 from sharedris.render import encode_rle, overlay
 from sharedris.text import validate_texts
-from sharedris.train.distributed import init_distributed
+from sharedris.distributed import init_distributed
 
 RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"

@@ -256,7 +256,7 @@ def _predict_bulk(args: argparse.Namespace, device: torch.device) -> None:
     from sharedris.bulk import ResultsMismatch, image_rows, predict_manifest, read_manifest
     from sharedris.precision import resolve_precision
     from sharedris.render import unknown_words_line
-    from sharedris.train.distributed import cleanup_distributed
+    from sharedris.distributed import cleanup_distributed
 
     manifest = read_manifest(args.manifest if args.manifest is not None else image_rows(args.image, args.text))
     out = _out_dir(args.out_dir)

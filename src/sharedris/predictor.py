@@ -1,4 +1,4 @@
-"""The one inference path: preprocess -> forward -> postprocess, and `Predictor` on top of it.
+"""Preprocess -> forward (through :class:`~sharedris.runtime.ModelRunner`) -> postprocess: `Predictor`.
 
 ``Predictor.predict`` is numpy in, numpy out, for one image and all its expressions. The pieces
 are public so that batch evaluation, the service, bulk prediction and benchmarks run the same code:

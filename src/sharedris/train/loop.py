@@ -28,7 +28,7 @@ from sharedris.precision import autocast_context, training_amp_dtype
 from sharedris.progress import progress, write
 from sharedris.text import Tokenizer
 from sharedris.train.config import TrainConfig
-from sharedris.train.distributed import DistInfo, cleanup_distributed, init_distributed
+from sharedris.distributed import DistInfo, cleanup_distributed, init_distributed
 from sharedris.train.optim import build_optimizer, build_scheduler
 from sharedris.train.stem import pretrain_stem
 

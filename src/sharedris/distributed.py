@@ -1,4 +1,4 @@
-"""DDP from torchrun's environment variables; no launcher of our own."""
+"""Ranks from torchrun's environment variables (no launcher of our own), for training and bulk prediction alike."""
 
 from __future__ import annotations
 
