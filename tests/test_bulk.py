@@ -321,9 +321,10 @@ def test_another_model_or_precision_is_refused_in_one_sentence_until_fresh(tmp_p
                                   "to discard them and start afresh, or write to another folder")
     other = load_pretrained(save_tiny_model(tmp_path / "other", seed=1))
     with pytest.raises(ResultsMismatch, match=r"with another model \(sha256 [0-9a-f]{12}\.\.\., this run: "):
-        predict_manifest(other, rows, out, workers=0, show_progress=False)
+        predict_manifest(other, rows, out, precision="fp32", workers=0, show_progress=False)
     with pytest.raises(ResultsMismatch, match=r"with presence threshold 0.5 \(this run: 0.7\); pass"):
-        predict_manifest(load_pretrained(model_dir), rows, out, presence_threshold=0.7, workers=0, show_progress=False)
+        predict_manifest(load_pretrained(model_dir), rows, out, precision="fp32", presence_threshold=0.7, workers=0,
+                         show_progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
 
     assert _rerun(bf16, rows, out, fresh=True)[0] == (2, 0, 0, 0)

@@ -112,5 +112,5 @@ def test_a_predictor_leaves_its_callers_model_as_it_was(model_dir, precision, ru
     assert all(torch.equal(before[4][name], t) for name, t in after[4].items())
     assert predictor.precision == precision and predictor.runtime == runtime
     if precision == "fp32":  # a model in training mode is run in eval mode all the same
-        reference = Predictor(load_pretrained(model_dir).eval()).predict(scene(48, 40, seed=2), TEXTS)
+        reference = Predictor(load_pretrained(model_dir).eval(), precision="fp32").predict(scene(48, 40, seed=2), TEXTS)
         np.testing.assert_allclose(out.present, reference.present, atol=1e-4)

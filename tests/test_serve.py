@@ -31,7 +31,7 @@ LIMITS = Limits(max_upload_bytes=200_000, max_pixels=1_000_000, max_texts=4, max
 
 @pytest.fixture(scope="module")
 def client(model_dir):
-    with TestClient(create_app(model_dir, limits=LIMITS)) as c:
+    with TestClient(create_app(model_dir, limits=LIMITS, precision="fp32")) as c:  # as the predictor fixture
         yield c
 
 
@@ -415,7 +415,7 @@ def _assert_same_answer(got, expected) -> None:
 @pytest.fixture(scope="module")
 def one_by_one(model_dir):
     """The answers to ``_jobs()`` from a service that runs one request at a time, sent one after another."""
-    app = create_app(model_dir, limits=LIMITS, batching=Batching(wait_ms=0, max_batch=1))
+    app = create_app(model_dir, limits=LIMITS, batching=Batching(wait_ms=0, max_batch=1), precision="fp32")
     with TestClient(app) as c:
         answers = [_answer(_post(c, image, texts, fmt)) for image, texts, fmt in _jobs()]
     assert app.state.service.batcher.forward_passes == len(answers)
@@ -447,7 +447,7 @@ def test_concurrent_requests_share_one_forward_pass_and_get_the_one_by_one_answe
     jobs = _jobs()
     pairs = sum(len(texts) for _, texts, _ in jobs)
     # a long wait, ended as soon as max_batch expressions wait: all the requests go in one pass
-    app = create_app(model_dir, limits=LIMITS, batching=Batching(wait_ms=10_000, max_batch=pairs))
+    app = create_app(model_dir, limits=LIMITS, batching=Batching(wait_ms=10_000, max_batch=pairs), precision="fp32")
     with TestClient(app) as c:
         responses = _concurrently(c, jobs)
     assert (app.state.service.batcher.forward_passes, app.state.service.batcher.pairs_run) == (1, pairs)
@@ -470,7 +470,7 @@ def test_a_pass_takes_at_most_max_batch_expressions_and_never_splits_a_request(m
 def test_a_failing_request_fails_alone_and_bad_requests_never_reach_the_batch(model_dir, monkeypatch, one_by_one):
     good = _jobs()[:3]
     pairs = sum(len(texts) for _, texts, _ in good) + 1
-    app = create_app(model_dir, limits=LIMITS, batching=Batching(wait_ms=10_000, max_batch=pairs))
+    app = create_app(model_dir, limits=LIMITS, batching=Batching(wait_ms=10_000, max_batch=pairs), precision="fp32")
     passes = _record_passes(app, monkeypatch, fail_on="the failing one")
     bad = [(encode(scene(24, 18, seed=3)), ["the failing one"], "json"),  # fails in the model
            (b"not an image", ["the box"], "json"), (encode(scene(24, 18)), ["a"] * 5, "json")]  # refused before it

@@ -68,12 +68,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from sharedris.checkpoint import atomic_write
 from sharedris.data.images import ImageError, load_image
+from sharedris.distributed import init_distributed
 from sharedris.modeling.segmenter import SegmenterOutput
 from sharedris.predictor import ImagePreprocessor, Prediction, Predictor
 from sharedris.progress import progress
 from sharedris.render import encode_rle, overlay
+from sharedris.runtime import DEFAULT_DEVICE, DEFAULT_PRECISION, DEFAULT_PRESENCE_THRESHOLD, DEFAULT_RUNTIME
 from sharedris.text import validate_texts
-from sharedris.distributed import init_distributed
 
 RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"
@@ -891,8 +892,9 @@ def _on_rank_0(work: Callable[[], None], rank: int, world: int) -> None:
 
 
 def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_dir: str | Path, *,
-                     device: torch.device | str = "cpu", precision: str = "fp32", presence_threshold: float = 0.5,
-                     runtime: str = "torch", batch_size: int = 16, workers: int | None = None,
+                     device: torch.device | str = DEFAULT_DEVICE, precision: str = DEFAULT_PRECISION,
+                     presence_threshold: float = DEFAULT_PRESENCE_THRESHOLD, runtime: str = DEFAULT_RUNTIME,
+                     batch_size: int = 16, workers: int | None = None,
                      lanes: int | None = None, save_png: bool = False, show_progress: bool = True,
                      fresh: bool = False) -> BulkSummary:
     """Segment every (image, expression) pair of ``manifest`` into ``out_dir/results.jsonl``.

@@ -21,7 +21,14 @@ from PIL import Image
 
 from sharedris.devices import DEVICE_HELP, resolve_device
 from sharedris.precision import PRECISIONS
-from sharedris.runtime import RUNTIMES, check_runtime_name
+from sharedris.runtime import (
+    DEFAULT_DEVICE,
+    DEFAULT_PRECISION,
+    DEFAULT_PRESENCE_THRESHOLD,
+    DEFAULT_RUNTIME,
+    RUNTIMES,
+    check_runtime_name,
+)
 
 RUNTIME_HELP = ("what runs the model: torch, or openvino (CPU, fp32/bf16; the faster bf16 path on CPUs with "
                 "AVX-512-BF16 but no AMX; needs the openvino extra)")
@@ -344,13 +351,15 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     for name, data, split in runs:
         source = build_source(data, split, train=False)
         res = evaluate(model, source, device=device, precision=args.precision, runtime=args.runtime,
-                       batch_size=args.batch_size, protocol=args.protocol, num_workers=args.workers)
+                       presence_threshold=args.presence_threshold, batch_size=args.batch_size,
+                       protocol=args.protocol, num_workers=args.workers)
         report[name] = res
         rows[name] = res["overall"]
         rows.update({f"{name}/{g}": m for g, m in res["groups"].items()})
     runtime = "" if res["runtime"] == "torch" else f" (runtime {res['runtime']})"
     dataset = "synthetic (held-out renderer)" if heldout else args.dataset
-    print(f"model {args.model}, dataset {dataset}, protocol {args.protocol}, precision {res['precision']}{runtime}")
+    print(f"model {args.model}, dataset {dataset}, protocol {args.protocol}, precision {res['precision']}{runtime}, "
+          f"presence threshold {res['presence_threshold']}")
     print(format_table(rows))
     if args.out:  # held-out: always keyed by variant; splits: keyed when there are several
         keyed = heldout or len(report) > 1
@@ -438,6 +447,19 @@ def _cmd_fetch_data(args: argparse.Namespace) -> None:
         check.func(check)
 
 
+def _inference_options() -> argparse.ArgumentParser:
+    """The options of every command that runs a model (predict, eval, serve), with the library's defaults."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("inference options (the same for predict, eval and serve)")
+    group.add_argument("--device", default=DEFAULT_DEVICE,
+                       help=DEVICE_HELP + " (bulk prediction under torchrun: each rank takes cuda:LOCAL_RANK)")
+    group.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help=PRECISION_HELP)
+    group.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME, help=RUNTIME_HELP)
+    group.add_argument("--presence-threshold", type=_probability, default=DEFAULT_PRESENCE_THRESHOLD,
+                       help=PRESENCE_HELP)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sharedris import __version__
     from sharedris.data.registry import DATASETS
@@ -487,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=1e-4 epochs=3")
     tr.set_defaults(func=_cmd_train)
 
-    pr = sub.add_parser("predict", help="segment what each expression refers to in an image, many images or a manifest",
+    inference = _inference_options()
+    pr = sub.add_parser("predict", parents=[inference], help="segment what each expression refers to in an image, many images or a manifest",
                         description="One image: mask and overlay PNGs per expression. Several images, a folder, a "
                                     "glob pattern or --manifest: results.jsonl (COCO RLE masks) in the output "
                                     "folder; a rerun reuses the pairs already done; also under torchrun (see "
@@ -505,9 +528,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-o", "--out-dir", default="predictions",
                     help="where to write mask and overlay PNGs (one image) or results.jsonl and errors.jsonl")
     pr.add_argument("--model", default="default", help="'default' or a checkpoint folder")
-    pr.add_argument("--device", default="cpu", help=DEVICE_HELP + " (under torchrun each rank takes cuda:LOCAL_RANK)")
-    pr.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    pr.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
     pr.add_argument("--batch-size", type=int, default=16,
                     help="bulk: (image, expression) pairs per forward pass, from several images")
     pr.add_argument("--workers", type=int, default=None,
@@ -521,12 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bulk: delete the output folder's earlier results (results.jsonl, replaced.jsonl, run.json) "
                          "and start afresh; without it a rerun reuses the pairs already done and refuses a folder "
                          "made with another model, precision, runtime or presence threshold")
-    pr.add_argument("--presence-threshold", type=_probability, default=0.5, help=PRESENCE_HELP)
     pr.add_argument("--json", action="store_true", help="print results (COCO RLE masks, scores, presence) as JSON; "
                                                        "bulk: the summary")
     pr.set_defaults(func=_cmd_predict)
 
-    ev = sub.add_parser("eval", help="oIoU / mIoU / Prec@X on a dataset split")
+    ev = sub.add_parser("eval", parents=[inference], help="oIoU / mIoU / Prec@X on a dataset split")
     ev.add_argument("--model", default="default", help="'default' or a checkpoint folder")
     ev.add_argument("--dataset", choices=list(DATASETS), default="synthetic",
                     help="synthetic scenes, or a refer-format dataset under --root")
@@ -557,10 +576,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     ev.add_argument("--workers", type=int, default=0, help="data loader worker processes (0 = load in this one)")
     ev.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ev.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    ev.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                    help=PRECISION_HELP + "; fp32 by default so that scores are reproducible everywhere")
-    ev.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
     ev.add_argument("--out", default=None, help="write the metrics as JSON here")
     ev.set_defaults(func=_cmd_eval)
 
@@ -579,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--seed", type=int, default=0, help="synthetic dataset seed")
     dt.set_defaults(func=_cmd_data_tokenizer)
 
-    _add_serve_parser(sub)
+    _add_serve_parser(sub, inference)
 
     ex = sub.add_parser("export", help="export a model for other runtimes")
     ex_sub = ex.add_subparsers(dest="what", required=True)
@@ -608,9 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                      inference: argparse.ArgumentParser) -> None:
     """``sharedris serve``: its options, documented in docs/http-api.md."""
-    sv = sub.add_parser("serve", help="HTTP API (POST /v1/segment, GET /healthz), demo page at /, API docs at /docs",
+    sv = sub.add_parser("serve", parents=[inference], help="HTTP API (POST /v1/segment, GET /healthz), demo page at /, API docs at /docs",
                         description="The HTTP service (docs/http-api.md): POST /v1/segment, GET /v1/model, GET "
                                     "/healthz, a demo page at / and the API's interactive documentation at /docs, "
                                     "served from the service itself (no internet needed). Concurrent requests share the "
@@ -620,10 +636,6 @@ def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     sv.add_argument("--model", default="default", help="'default' or a checkpoint folder")
-    sv.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    sv.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    sv.add_argument("--runtime", choices=RUNTIMES, default="torch", help=RUNTIME_HELP)
-    sv.add_argument("--presence-threshold", type=_probability, default=0.5, help=PRESENCE_HELP)
     sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file accepted")
     sv.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, width x height")
     sv.add_argument("--max-texts", type=int, default=16, help="most expressions per request")

@@ -15,6 +15,7 @@ from sharedris.data.transforms import mask_to_tensor
 from sharedris.metrics import METRIC_KEYS, GRESMeter, RISMeter
 from sharedris.predictor import Predictor
 from sharedris.progress import progress as progress_bar
+from sharedris.runtime import DEFAULT_DEVICE, DEFAULT_PRECISION, DEFAULT_PRESENCE_THRESHOLD, DEFAULT_RUNTIME
 from sharedris.text import Tokenizer
 
 PROTOCOLS = ("original", "resized")
@@ -32,10 +33,10 @@ def evaluate(
     source: Source,
     tokenizer: Tokenizer | None = None,
     *,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    runtime: str = "torch",
-    presence_threshold: float = 0.5,
+    device: torch.device | str = DEFAULT_DEVICE,
+    precision: str = DEFAULT_PRECISION,
+    runtime: str = DEFAULT_RUNTIME,
+    presence_threshold: float = DEFAULT_PRESENCE_THRESHOLD,
     batch_size: int = 16,
     num_workers: int = 0,
     protocol: str = "original",

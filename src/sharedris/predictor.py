@@ -27,7 +27,13 @@ from sharedris.data.transforms import image_to_tensor, resize_logits
 from sharedris.modeling.config import ModelConfig
 from sharedris.modeling.pretrained import resolve_tokenizer
 from sharedris.modeling.segmenter import SegmenterOutput
-from sharedris.runtime import ModelRunner
+from sharedris.runtime import (
+    DEFAULT_DEVICE,
+    DEFAULT_PRECISION,
+    DEFAULT_PRESENCE_THRESHOLD,
+    DEFAULT_RUNTIME,
+    ModelRunner,
+)
 from sharedris.text import Tokenizer, validate_texts
 
 
@@ -97,8 +103,8 @@ class Predictor:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | str | Path | None = None,
-                 device: torch.device | str = "cpu", precision: str = "fp32",
-                 presence_threshold: float = 0.5, runtime: str = "torch") -> None:
+                 device: torch.device | str = DEFAULT_DEVICE, precision: str = DEFAULT_PRECISION,
+                 presence_threshold: float = DEFAULT_PRESENCE_THRESHOLD, runtime: str = DEFAULT_RUNTIME) -> None:
         config = getattr(model, "config", None)
         if not isinstance(config, ModelConfig):
             raise ValueError("Predictor needs a Shared-RIS model (from sharedris.build_model or "

@@ -51,6 +51,7 @@ from sharedris.modeling.pretrained import load_pretrained
 from sharedris.modeling.segmenter import SegmenterOutput
 from sharedris.predictor import Predictor
 from sharedris.render import encode_rle, overlay, unknown_words_line
+from sharedris.runtime import DEFAULT_DEVICE, DEFAULT_PRECISION, DEFAULT_PRESENCE_THRESHOLD, DEFAULT_RUNTIME
 from sharedris.text import validate_texts
 
 FORMATS = ("json", "png", "overlay")
@@ -450,8 +451,9 @@ class SegmentService:
 
 
 def create_app(model_dir: str | Path = "default", limits: Limits | None = None,
-               device: str = "cpu", precision: str = "fp32", presence_threshold: float = 0.5,
-               runtime: str = "torch", batching: Batching | None = None, api_key: str | None = None) -> FastAPI:
+               device: str = DEFAULT_DEVICE, precision: str = DEFAULT_PRECISION,
+               presence_threshold: float = DEFAULT_PRESENCE_THRESHOLD, runtime: str = DEFAULT_RUNTIME,
+               batching: Batching | None = None, api_key: str | None = None) -> FastAPI:
     """The service for the model in ``model_dir`` (a checkpoint folder, or ``"default"``).
 
     The model is loaded here, once; a bad folder raises :class:`PretrainedError` before any
