@@ -132,7 +132,7 @@ def test_segment_returns_rle_masks_equal_to_the_predictor(client, predictor):
     assert [res["text"] for res in body["results"]] == texts
     assert body["warning"] is None  # an open vocabulary: no word is unknown
     for n, res in enumerate(body["results"]):
-        assert set(res) == {"text", "matched", "present", "score", "rle", "unknown_words"}
+        assert set(res) == {"text", "matched", "present", "score", "rle", "bbox", "unknown_words"}
         assert res["rle"]["size"] == [30, 40]
         np.testing.assert_array_equal(_decode(res["rle"]), expected.masks[n])
         assert res["score"] == pytest.approx(float(expected.scores[n]), abs=1e-4)

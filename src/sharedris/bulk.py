@@ -72,7 +72,7 @@ from sharedris.distributed import init_distributed
 from sharedris.modeling.segmenter import SegmenterOutput
 from sharedris.predictor import ImagePreprocessor, Prediction, Predictor
 from sharedris.progress import progress
-from sharedris.render import encode_rle, overlay
+from sharedris.render import answer_record, overlay, png_names
 from sharedris.runtime import DEFAULT_DEVICE, DEFAULT_PRECISION, DEFAULT_PRESENCE_THRESHOLD, DEFAULT_RUNTIME
 from sharedris.text import validate_texts
 
@@ -667,8 +667,8 @@ class _Run:
 
     def _png_paths(self, row: Row, k: int) -> tuple[Path, Path]:
         """Where pair ``k`` of ``row`` has its mask and overlay PNGs."""
-        stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(row.id))
-        return self.out_dir / f"{stem}__{k}_mask.png", self.out_dir / f"{stem}__{k}_overlay.png"
+        mask, overlay_png = png_names(str(row.id), row.texts)[k]
+        return self.out_dir / mask, self.out_dir / overlay_png
 
     def _reusable(self, row: Row, k: int, sha256: str | None) -> _Line | None:
         """The line that answers pair ``k`` of ``row`` if its image has ``sha256``; with ``save_png``
@@ -811,10 +811,8 @@ class _Run:
 def _record(row: Row, k: int, sha256: str, pred: Prediction, n: int) -> dict[str, Any]:
     """Pair ``k`` of ``row``, whose image file has ``sha256``, as a results line; ``n`` is its index in ``pred``."""
     height, width = pred.masks.shape[1:]
-    return {"id": row.id, "text_index": k, "image": row.image, "image_sha256": sha256, "text": row.texts[k],
-            "matched": bool(pred.matched[n]), "present": round(float(pred.present[n]), 4),
-            "score": round(float(pred.scores[n]), 4), "height": int(height), "width": int(width),
-            "rle": encode_rle(pred.masks[n]), "unknown_words": pred.unknown_words[n]}
+    return {"id": row.id, "text_index": k, "image": row.image, "image_sha256": sha256, "height": int(height),
+            "width": int(width), **answer_record(row.texts[k], pred, n)}
 
 
 def _world_size() -> int:

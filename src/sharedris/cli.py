@@ -9,7 +9,6 @@ import argparse
 import errno
 import json
 import os
-import re
 import socket
 import sys
 from pathlib import Path
@@ -66,18 +65,6 @@ def _out_dir(path: str) -> Path:
         return writable_dir(path, "output folder")
     except FolderError as e:
         raise UserError(f"{e}; pass another folder with -o") from None
-
-
-def _slugs(texts: Sequence[str], max_chars: int = 60) -> list[str]:
-    """File-name-safe, unique slugs of ``texts``: "the purple diamond" -> "the-purple-diamond"."""
-    slugs: list[str] = []
-    for text in texts:
-        base = re.sub(r"[\W_]+", "-", text.lower()).strip("-")[:max_chars].strip("-") or "expression"
-        slug, n = base, 2
-        while slug in slugs:  # two phrases that differ only in punctuation or case, or repeats
-            slug, n = f"{base}-{n}", n + 1
-        slugs.append(slug)
-    return slugs
 
 
 def _check_port(host: str, port: int) -> None:
@@ -218,11 +205,11 @@ def _predict_one(args: argparse.Namespace, image_path: str, device: torch.device
     """One image: mask and overlay PNGs named from each phrase, a line (or JSON) per phrase.
 
     A phrase that matches nothing (``matched`` false: the predictor's "no match", an empty mask)
-    gets no mask file, only its overlay: the plain image captioned "no match".
+    gets no mask file, only its overlay: the picture greyed under a "no match" label.
     """
     from sharedris.data.images import load_image
     from sharedris.predictor import Predictor
-    from sharedris.render import encode_rle, overlay, unknown_words_line
+    from sharedris.render import answer_record, overlay, png_names, unknown_words_line
     from sharedris.text import validate_texts
 
     validate_texts(args.text)  # before any model work
@@ -235,18 +222,16 @@ def _predict_one(args: argparse.Namespace, image_path: str, device: torch.device
     warning = unknown_words_line(args.model, predictor.description, pred.unknown_words)
     if warning:
         print(warning, file=sys.stderr)
-    stem = Path(image_path).stem
     results = []
-    for n, (text, slug) in enumerate(zip(args.text, _slugs(args.text))):
-        mask, score, present = pred.masks[n], float(pred.scores[n]), float(pred.present[n])
-        matched = bool(pred.matched[n])
-        mask_path, overlay_path = out / f"{stem}__{slug}_mask.png", out / f"{stem}__{slug}_overlay.png"
-        if matched:
-            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        overlay(image, mask, text, score=score, present=present, matched=matched).save(overlay_path)
-        results.append({"text": text, "matched": matched, "present": round(present, 4), "score": round(score, 4),
-                        "mask_png": str(mask_path) if matched else None, "overlay_png": str(overlay_path),
-                        "rle": encode_rle(mask), "unknown_words": pred.unknown_words[n]})
+    for n, (text, names) in enumerate(zip(args.text, png_names(Path(image_path).stem, args.text))):
+        record = answer_record(text, pred, n)
+        mask_path, overlay_path = out / names[0], out / names[1]
+        if record["matched"]:
+            Image.fromarray(pred.masks[n].astype(np.uint8) * 255).save(mask_path)
+        overlay(image, pred.masks[n], text, score=float(pred.scores[n]), present=float(pred.present[n]),
+                matched=record["matched"]).save(overlay_path)
+        results.append({**record, "mask_png": str(mask_path) if record["matched"] else None,
+                        "overlay_png": str(overlay_path)})
     if args.json:
         print(json.dumps({"image": image_path, "height": image.height, "width": image.width, "results": results}))
     else:
@@ -517,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "docs/bulk.md).",
                         epilog="An expression that matches nothing in the image (presence below "
                                "--presence-threshold, or not one pixel in its mask) prints 'no match' and gets no "
-                               "mask PNG, only its overlay: the plain image captioned 'no match'; in --json its "
+                               "mask PNG, only its overlay: the picture greyed under a 'no match' label; in --json its "
                                "matched is false, its mask_png null and its score 0. Words the "
                                "model never saw in training are named in one line on stderr.")
     pr.add_argument("image", nargs="*", help="image file(s) (any format Pillow reads), folder(s) of images or "

@@ -1,10 +1,11 @@
-"""Outputs for people and programs: overlays that highlight a mask, with captions; COCO RLE masks;
-the unknown-words sentence."""
+"""Outputs for people and programs: overlays that highlight a mask, with captions; the one record
+of an answer (COCO RLE mask, box) that every door writes; PNG file names; the unknown-words sentence."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -12,6 +13,9 @@ from PIL import Image, ImageDraw, ImageFont
 DIM = 0.4  # brightness kept outside the mask, and over the whole picture for "no match"
 LIGHT, DARK = (255, 255, 255), (0, 0, 0)
 MAX_CAPTION_LINES = 6  # a very long expression is cut here, with an ellipsis, rather than growing the bar
+
+if TYPE_CHECKING:
+    from sharedris.predictor import Prediction
 
 
 def overlay(image: Image.Image, mask: np.ndarray, caption: str, score: float | None = None,
@@ -158,3 +162,39 @@ def encode_rle(mask: np.ndarray) -> dict:
 
     rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def mask_bbox(mask: np.ndarray) -> list[int] | None:
+    """COCO ``[x, y, width, height]`` (pixels) of the smallest box holding every pixel of an HxW
+    bool ``mask``; None for an empty mask."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if rows.size == 0:
+        return None
+    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
+def answer_record(text: str, pred: "Prediction", n: int) -> dict[str, Any]:
+    """The record of answer ``n`` of ``pred`` (to ``text``), the same from the CLI's ``--json``, a
+    bulk run's ``results.jsonl`` and the service (docs/getting-started.md#the-answer-record)."""
+    mask = pred.masks[n]
+    return {"text": text, "matched": bool(pred.matched[n]), "present": round(float(pred.present[n]), 4),
+            "score": round(float(pred.scores[n]), 4), "rle": encode_rle(mask), "bbox": mask_bbox(mask),
+            "unknown_words": list(pred.unknown_words[n]) if pred.unknown_words else []}
+
+
+def png_names(label: str, texts: Sequence[str], max_chars: int = 60) -> list[tuple[str, str]]:
+    """(mask, overlay) PNG file names of each of ``texts`` asked of one image called ``label``.
+
+    ``label`` (the image's file stem, or a manifest row's id) and each expression become
+    file-name-safe: "scene", "the purple diamond" -> ``scene__the-purple-diamond_mask.png``; two
+    expressions that differ only in punctuation or case, or repeats, get ``-2``, ``-3`` ...
+    """
+    stem = re.sub(r"[^\w.-]+", "-", str(label)).strip("-") or "image"
+    slugs: list[str] = []
+    for text in texts:
+        base = re.sub(r"[\W_]+", "-", text.lower()).strip("-")[:max_chars].strip("-") or "expression"
+        slug, k = base, 2
+        while slug in slugs:
+            slug, k = f"{base}-{k}", k + 1
+        slugs.append(slug)
+    return [(f"{stem}__{slug}_mask.png", f"{stem}__{slug}_overlay.png") for slug in slugs]

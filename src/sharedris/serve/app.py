@@ -50,7 +50,7 @@ from sharedris.data.images import ImageError, load_image
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.modeling.segmenter import SegmenterOutput
 from sharedris.predictor import Predictor
-from sharedris.render import encode_rle, overlay, unknown_words_line
+from sharedris.render import answer_record, overlay, unknown_words_line
 from sharedris.runtime import DEFAULT_DEVICE, DEFAULT_PRECISION, DEFAULT_PRESENCE_THRESHOLD, DEFAULT_RUNTIME
 from sharedris.text import validate_texts
 
@@ -417,9 +417,7 @@ class SegmentService:
         pred = self.predictor.postprocess(output, height, width, texts=texts)
         t2 = time.perf_counter()
         if fmt == "json":
-            results = [{"text": t, "matched": bool(pred.matched[n]), "present": round(float(pred.present[n]), 4),
-                        "score": round(float(pred.scores[n]), 4), "rle": encode_rle(pred.masks[n]),
-                        "unknown_words": pred.unknown_words[n]} for n, t in enumerate(texts)]
+            results = [answer_record(t, pred, n) for n, t in enumerate(texts)]
             body: Any = {"width": image.width, "height": image.height, "results": results,
                          "warning": unknown_words_line(self.model_name, self.predictor.description,
                                                        pred.unknown_words)}
@@ -558,13 +556,13 @@ def _add_routes(app: FastAPI, service: SegmentService, about: dict[str, Any]) ->
     @app.post("/v1/segment", responses={400: {"description": "bad input"}, 413: {"description": "too large"}})
     async def segment(image: UploadFile = File(..., description="the image (any format Pillow reads)"),
                       text: list[str] = Form(..., description="an expression; repeat the field for more"),
-                      format: str = Query("json", description="json (COCO RLE masks), png (binary mask) "
-                                                              "or overlay (tinted PNG); png and overlay "
-                                                              "take exactly one expression")) -> Response:
+                      format: str = Query("json", description="json (COCO RLE masks), png (binary mask) or "
+                                                              "overlay (PNG: the mask outlined, the rest dimmed); "
+                                                              "png and overlay take exactly one expression")) -> Response:
         """Segment what each expression refers to in the image.
 
         An expression that matches nothing (``matched`` false) has an empty mask: an empty RLE, an
-        all-black PNG, or the plain image captioned "no match".
+        all-black PNG, or the picture greyed under a "no match" label.
         """
         if format not in FORMATS:
             raise RequestError(400, f"format must be one of {', '.join(FORMATS)}, got {format!r}")
