@@ -28,24 +28,7 @@ import numpy as np
 
 from sharedris.data.synthetic.families import BUILDERS, CENTRE_RADIUS, MARGIN, MULTI_TARGET, SIZE_RATIO
 from sharedris.data.synthetic.geometry import COLOURS, SHAPES, UNNAMED_SHAPES, Placed, Spec, place
-from sharedris.data.synthetic.phrases import (
-    BIG_WORDS,
-    BIGGER_WORDS,
-    BIGGEST_WORDS,
-    COLOUR_SHAPE_TEMPLATES,
-    MULTI_ALL_N,
-    MULTI_BOTH,
-    MULTI_COUNTED,
-    MULTI_TEMPLATES,
-    NUMBERS,
-    POSITION_TEMPLATES,
-    RELATION_TEMPLATES,
-    SIZE_PAIR_TEMPLATES,
-    SIZE_TEMPLATES,
-    SIZE_TRIO_TEMPLATES,
-    phrasings,
-    pick,
-)
+from sharedris.data.synthetic import phrases
 
 INDEPENDENT_SHARE = 0.5  # target scenes of independently drawn objects; the rest are constructed hard cases
 UNNAMED_SHARE = 0.12  # chance that an independently drawn object has a shape no expression names
@@ -89,11 +72,11 @@ def target_scene(
             options = _OPTIONS[family](layout[0], size, rng) if layout is not None else []
             if options:
                 targets, anchor, templates, words = options[int(rng.integers(len(options)))]
-                return layout[0], layout[1], targets, anchor, phrasings(rng, templates, **words)
+                return layout[0], layout[1], targets, anchor, phrases.phrasings(rng, templates, **words)
             continue
         specs, resolve = BUILDERS[family](rng, size)
         if family != MULTI_TARGET:  # an unnamed shape would join "all the red objects"
-            specs += [Spec(pick(rng, UNNAMED_SHAPES), pick(rng, list(COLOURS)), specs[0].scale)
+            specs += [Spec(phrases.pick(rng, UNNAMED_SHAPES), phrases.pick(rng, list(COLOURS)), specs[0].scale)
                       for _ in range(int(rng.integers(0, 3)))]
         specs = [specs[i] for i in rng.permutation(len(specs))]  # the target's index varies
         layout = place(specs, size, rng, stretch)
@@ -115,7 +98,7 @@ def absent_texts(rng: np.random.Generator, family: str, objs: list[Placed],
         if unknown is not None:
             return [unknown]
     templates, words = _ABSENT[family](rng, objs)
-    return phrasings(rng, templates, **words)
+    return phrases.phrasings(rng, templates, **words)
 
 
 def _independent_specs(rng: np.random.Generator, size: int) -> list[Spec]:
@@ -126,8 +109,8 @@ def _independent_specs(rng: np.random.Generator, size: int) -> list[Spec]:
     top = min(0.14, 0.33 / math.sqrt(n))
     specs = []
     for _ in range(n):
-        shape = pick(rng, UNNAMED_SHAPES) if rng.random() < UNNAMED_SHARE else pick(rng, shapes)
-        specs.append(Spec(shape, pick(rng, colours), float(rng.uniform(0.045, top)) * size))
+        shape = phrases.pick(rng, UNNAMED_SHAPES) if rng.random() < UNNAMED_SHARE else phrases.pick(rng, shapes)
+        specs.append(Spec(shape, phrases.pick(rng, colours), float(rng.uniform(0.045, top)) * size))
     return specs
 
 
@@ -148,7 +131,7 @@ def _coloured(templates: Sequence[str], objs: list[Placed], cands: list[int]) ->
 
 def _colour_shape_options(objs: list[Placed], size: int, rng: np.random.Generator) -> list[Option]:
     pairs = Counter((o.spec.colour, o.spec.shape) for o in objs)
-    return [([i], None, COLOUR_SHAPE_TEMPLATES, {"c": o.spec.colour, "s": o.spec.shape})
+    return [([i], None, phrases.COLOUR_SHAPE_TEMPLATES, {"c": o.spec.colour, "s": o.spec.shape})
             for i, o in enumerate(objs) if o.spec.shape in SHAPES and pairs[o.spec.colour, o.spec.shape] == 1]
 
 
@@ -158,8 +141,8 @@ def _size_options(objs: list[Placed], size: int, rng: np.random.Generator) -> li
         if len(cands) < 2:
             continue
         order = sorted(cands, key=lambda i: objs[i].spec.scale)
-        extra = {2: SIZE_PAIR_TEMPLATES, 3: SIZE_TRIO_TEMPLATES}.get(len(cands), ())
-        templates = _coloured(SIZE_TEMPLATES + extra, objs, cands)
+        extra = {2: phrases.SIZE_PAIR_TEMPLATES, 3: phrases.SIZE_TRIO_TEMPLATES}.get(len(cands), ())
+        templates = _coloured(phrases.SIZE_TEMPLATES + extra, objs, cands)
         words = {"s": shape, "c": objs[order[0]].spec.colour}
         if objs[order[-1]].spec.scale >= SIZE_RATIO * objs[order[-2]].spec.scale:
             out.append(([order[-1]], None, templates, {**words, **_size_words(rng, True)}))
@@ -170,7 +153,8 @@ def _size_options(objs: list[Placed], size: int, rng: np.random.Generator) -> li
 
 def _size_words(rng: np.random.Generator, big: bool) -> dict[str, str]:
     if big:
-        return {"a": pick(rng, BIG_WORDS), "sup": pick(rng, BIGGEST_WORDS), "cmp": pick(rng, BIGGER_WORDS)}
+        return {"a": phrases.pick(rng, phrases.BIG_WORDS), "sup": phrases.pick(rng, phrases.BIGGEST_WORDS),
+                "cmp": phrases.pick(rng, phrases.BIGGER_WORDS)}
     return {"a": "small", "sup": "smallest", "cmp": "smaller"}
 
 
@@ -187,7 +171,7 @@ def _position_options(objs: list[Placed], size: int, rng: np.random.Generator) -
             near_centre = direction != "middle" or key[order[0]] <= CENTRE_RADIUS * size
             if key[order[1]] - key[order[0]] >= MARGIN * size and near_centre:
                 target = cands[int(order[0])]
-                templates = _coloured(POSITION_TEMPLATES[direction], objs, cands)
+                templates = _coloured(phrases.POSITION_TEMPLATES[direction], objs, cands)
                 out.append(([target], None, templates, {"s": shape, "c": objs[target].spec.colour}))
     return out
 
@@ -206,16 +190,16 @@ def _relation_options(objs: list[Placed], size: int, rng: np.random.Generator) -
             words = {"s": shape, "c": objs[cands[0]].spec.colour, "ac": a.spec.colour, "as": a.spec.shape}
             for mode, first, second in (("near", 0, 1), ("far", -1, -2)):
                 if abs(dist[order[first]] - dist[order[second]]) >= MARGIN * size:
-                    templates = _coloured(RELATION_TEMPLATES[mode], objs, cands)
+                    templates = _coloured(phrases.RELATION_TEMPLATES[mode], objs, cands)
                     out.append(([cands[int(order[first])]], anchor, templates, words))
     return out
 
 
 def _multi_templates(kind: str, n: int) -> tuple[str, ...]:
-    if n not in NUMBERS:
-        return MULTI_TEMPLATES[kind]
-    counted = MULTI_BOTH[kind] if n == 2 else MULTI_ALL_N[kind]
-    return MULTI_TEMPLATES[kind] + MULTI_COUNTED[kind] + counted
+    if n not in phrases.NUMBERS:
+        return phrases.MULTI_TEMPLATES[kind]
+    counted = phrases.MULTI_BOTH[kind] if n == 2 else phrases.MULTI_ALL_N[kind]
+    return phrases.MULTI_TEMPLATES[kind] + phrases.MULTI_COUNTED[kind] + counted
 
 
 def _multi_options(objs: list[Placed], size: int, rng: np.random.Generator) -> list[Option]:
@@ -225,7 +209,8 @@ def _multi_options(objs: list[Placed], size: int, rng: np.random.Generator) -> l
         if o.spec.shape in SHAPES:
             groups.setdefault(("shape", "", o.spec.shape), []).append(i)
             groups.setdefault(("pair", o.spec.colour, o.spec.shape), []).append(i)
-    return [(members, None, _multi_templates(kind, len(members)), {"c": c, "s": s, "n": NUMBERS.get(len(members), "")})
+    return [(members, None, _multi_templates(kind, len(members)),
+             {"c": c, "s": s, "n": phrases.NUMBERS.get(len(members), "")})
             for (kind, c, s), members in groups.items() if len(members) >= 2]
 
 
@@ -263,33 +248,34 @@ def _absent_noun_phrase(
     if shape is None or (coloured and rng.random() < 0.3):
         colour, shape = _absent_pair(rng, objs)
         return coloured or [t for g in groups for t in g if "{c}" in t], {"c": colour, "s": shape}
-    return templates, {"c": pick(rng, list(COLOURS)), "s": shape}
+    return templates, {"c": phrases.pick(rng, list(COLOURS)), "s": shape}
 
 
 def _absent_colour_shape(rng: np.random.Generator, objs: list[Placed]) -> tuple[Sequence[str], dict[str, str]]:
     colour, shape = _absent_pair(rng, objs)
-    return COLOUR_SHAPE_TEMPLATES, {"c": colour, "s": shape}
+    return phrases.COLOUR_SHAPE_TEMPLATES, {"c": colour, "s": shape}
 
 
 def _absent_size(rng: np.random.Generator, objs: list[Placed]) -> tuple[Sequence[str], dict[str, str]]:
-    templates, words = _absent_noun_phrase(rng, objs, (SIZE_TEMPLATES, SIZE_PAIR_TEMPLATES, SIZE_TRIO_TEMPLATES))
+    templates, words = _absent_noun_phrase(
+        rng, objs, (phrases.SIZE_TEMPLATES, phrases.SIZE_PAIR_TEMPLATES, phrases.SIZE_TRIO_TEMPLATES))
     return templates, {**words, **_size_words(rng, bool(rng.integers(2)))}
 
 
 def _absent_position(rng: np.random.Generator, objs: list[Placed]) -> tuple[Sequence[str], dict[str, str]]:
-    return _absent_noun_phrase(rng, objs, list(POSITION_TEMPLATES.values()))
+    return _absent_noun_phrase(rng, objs, list(phrases.POSITION_TEMPLATES.values()))
 
 
 def _absent_relation(rng: np.random.Generator, objs: list[Placed]) -> tuple[Sequence[str], dict[str, str]]:
     """The anchor is missing, or nothing of the named shape is there."""
-    templates = RELATION_TEMPLATES[("near", "far")[int(rng.integers(2))]]
+    templates = phrases.RELATION_TEMPLATES[("near", "far")[int(rng.integers(2))]]
     if rng.integers(2):
         a_colour, a_shape = _absent_pair(rng, objs)
-        return templates, {"c": pick(rng, list(COLOURS)), "s": pick(rng, SHAPES, [a_shape]),
+        return templates, {"c": phrases.pick(rng, list(COLOURS)), "s": phrases.pick(rng, SHAPES, [a_shape]),
                            "ac": a_colour, "as": a_shape}
     templates, words = _absent_noun_phrase(rng, objs, [templates])
-    a_shape = pick(rng, SHAPES, [words["s"]])
-    return templates, {**words, "ac": pick(rng, list(COLOURS)), "as": a_shape}
+    a_shape = phrases.pick(rng, SHAPES, [words["s"]])
+    return templates, {**words, "ac": phrases.pick(rng, list(COLOURS)), "as": a_shape}
 
 
 def _absent_multi(rng: np.random.Generator, objs: list[Placed]) -> tuple[Sequence[str], dict[str, str]]:
@@ -304,7 +290,7 @@ def _absent_multi(rng: np.random.Generator, objs: list[Placed]) -> tuple[Sequenc
     else:
         kind = "pair"
     n = int(rng.integers(2, 5))
-    return _multi_templates(kind, n), {"c": colour, "s": shape, "n": NUMBERS[n]}
+    return _multi_templates(kind, n), {"c": colour, "s": shape, "n": phrases.NUMBERS[n]}
 
 
 _ABSENT = {
@@ -317,15 +303,17 @@ _ABSENT = {
 
 _KIND_OF_WORD = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES},
                  **{s + "s": "shape" for s in SHAPES},
-                 **{w: "size" for w in ("small", "smallest", "smaller") + BIG_WORDS + BIGGEST_WORDS + BIGGER_WORDS}}
+                 **{w: "size" for w in ("small", "smallest", "smaller") + phrases.BIG_WORDS + phrases.BIGGEST_WORDS
+                    + phrases.BIGGER_WORDS}}
 
 
 def made_up_word(rng: np.random.Generator) -> str:
     """A pronounceable word of 2-3 syllables that no expression of the world uses."""
     while True:
-        word = "".join(pick(rng, _CONSONANTS) + pick(rng, _VOWELS) for _ in range(int(rng.integers(2, 4))))
+        word = "".join(phrases.pick(rng, _CONSONANTS) + phrases.pick(rng, _VOWELS)
+                       for _ in range(int(rng.integers(2, 4))))
         if rng.integers(2):
-            word += pick(rng, _CONSONANTS)
+            word += phrases.pick(rng, _CONSONANTS)
         if word not in _KIND_OF_WORD and word not in OUT_OF_WORLD["shape"]:
             return word
 
@@ -338,7 +326,7 @@ def _with_unknown_word(rng: np.random.Generator, text: str) -> str | None:
         return None
     i = slots[int(rng.integers(len(slots)))]
     kind = _KIND_OF_WORD[words[i]]
-    new = made_up_word(rng) if rng.random() < MADE_UP_SHARE else pick(rng, OUT_OF_WORLD[kind])
+    new = made_up_word(rng) if rng.random() < MADE_UP_SHARE else phrases.pick(rng, OUT_OF_WORLD[kind])
     plural = kind == "shape" and words[i].endswith("s") and words[i][:-1] in SHAPES
     words[i] = new + "s" if plural else new
     return " ".join(words)
