@@ -269,43 +269,71 @@ def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_f
             raise FileNotFoundError(f"{path} does not exist; check {where} (--root / data.root / "
                                     f"$SHAREDRIS_DATA must hold {_DATA_ROOT_FOLDERS})")
 
-    samples: dict[str, list[Sample]] = {s: [] for s in splits}
-    refs_per_split = dict.fromkeys(splits, 0)
-    images_per_split: dict[str, set[int]] = {s: set() for s in splits}
-    no_target, multi_target, sentenceless = dict.fromkeys(splits, 0), dict.fromkeys(splits, 0), dict.fromkeys(splits, 0)
-    other_splits: dict[str, int] = {}
-    anns_of_ref: dict[int, tuple[tuple[int, ...], int]] = {}  # ref id -> (ann ids, image id)
-    problems: list[str] = []
-    refs = load_refs(refs_path)
-    for i, ref in enumerate(refs):
+    scan = _scan_refs(refs_path, splits, text_field)  # the refs themselves are gone once it returns
+    need_images = set().union(*scan.images_per_split.values())
+    images, annotations, crowd = _load_instances(instances_path, scan.needed_annotations(), need_images)
+    problems = scan.problems + _missing_links(scan.anns_of_ref, images, annotations, instances_path)
+    if crowd:
+        _drop_crowd_from_unions(scan.samples, annotations, crowd)
+    counts = {s: (scan.refs_per_split[s], len(scan.images_per_split[s]), len(scan.samples[s])) for s in splits}
+    target_counts = {s: (scan.no_target[s], scan.multi_target[s]) for s in splits}
+    return ReferIndex(scan.samples, images, annotations, counts, target_counts, problems, scan.other_splits,
+                      scan.sentenceless)
+
+
+@dataclass
+class _RefScan:
+    """What one pass over a refs file keeps for ``splits``."""
+
+    samples: dict[str, list[Sample]]
+    refs_per_split: dict[str, int]
+    images_per_split: dict[str, set[int]]
+    no_target: dict[str, int]
+    multi_target: dict[str, int]
+    sentenceless: dict[str, int]
+    other_splits: dict[str, int] = field(default_factory=dict)
+    anns_of_ref: dict[int, tuple[tuple[int, ...], int]] = field(default_factory=dict)  # ref -> (anns, image)
+    problems: list[str] = field(default_factory=list)
+
+    def needed_annotations(self) -> set[int]:
+        return {ann for anns, _ in self.anns_of_ref.values() for ann in anns}
+
+
+def _scan_refs(refs_path: Path, splits: Sequence[str], text_field: str) -> _RefScan:
+    """One sample per sentence of each ref of ``splits``, with counts and the refs' own problems."""
+    scan = _RefScan({s: [] for s in splits}, dict.fromkeys(splits, 0), {s: set() for s in splits},
+                    dict.fromkeys(splits, 0), dict.fromkeys(splits, 0), dict.fromkeys(splits, 0))
+    for i, ref in enumerate(load_refs(refs_path)):
         try:
             split = ref["split"]
-            if split not in samples:
-                other_splits[str(split)] = other_splits.get(str(split), 0) + 1
+            if split not in scan.samples:
+                scan.other_splits[str(split)] = scan.other_splits.get(str(split), 0) + 1
                 continue
             ref_id, image_id = int(ref["ref_id"]), int(ref["image_id"])
             ann_ids, problem = _targets(ref)
             sentences = ref["sentences"]
             for sent in sentences:
-                samples[split].append((image_id, ann_ids, str(sent[text_field]), ref_id, int(sent["sent_id"])))
+                scan.samples[split].append((image_id, ann_ids, str(sent[text_field]), ref_id, int(sent["sent_id"])))
         except KeyError as e:
             raise ReferError(f"{refs_path}: ref #{i} has no {e} field; is this a refer-format refs file?") from None
         except (TypeError, ValueError) as e:
             raise ReferError(f"{refs_path}: ref #{i} is malformed ({e})") from None
         if not sentences:
-            sentenceless[split] += 1
+            scan.sentenceless[split] += 1
             continue
         if problem:
-            problems.append(f"ref {ref_id}: {problem}")
-        refs_per_split[split] += 1
-        images_per_split[split].add(image_id)
-        no_target[split] += len(sentences) * (not ann_ids)
-        multi_target[split] += len(sentences) * (len(ann_ids) > 1)
-        anns_of_ref[ref_id] = (ann_ids, image_id)
-    del refs  # the largest object here; gone before instances.json is parsed
+            scan.problems.append(f"ref {ref_id}: {problem}")
+        scan.refs_per_split[split] += 1
+        scan.images_per_split[split].add(image_id)
+        scan.no_target[split] += len(sentences) * (not ann_ids)
+        scan.multi_target[split] += len(sentences) * (len(ann_ids) > 1)
+        scan.anns_of_ref[ref_id] = (ann_ids, image_id)
+    return scan
 
-    need_anns = {ann for anns, _ in anns_of_ref.values() for ann in anns}
-    need_images = set().union(*images_per_split.values())
+
+def _load_instances(instances_path: Path, need_anns: set[int], need_images: set[int]
+                    ) -> tuple[dict[int, tuple[str, int, int]], dict[int, tuple[int, Any]], set[int]]:
+    """The images and annotations of ``instances_path`` that are needed, and which of those are crowd."""
     images: dict[int, tuple[str, int, int]] = {}
     annotations: dict[int, tuple[int, Any]] = {}
     crowd: set[int] = set()
@@ -331,7 +359,13 @@ def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_f
         raise ReferError(f"{instances_path} is not valid COCO instances JSON ({e}); re-download it") from None
     if not isinstance(top, dict) or "images" not in top or "annotations" not in top:
         raise ReferError(f"{instances_path} has no 'images' and 'annotations' lists; is it a COCO instances file?")
+    return images, annotations, crowd
 
+
+def _missing_links(anns_of_ref: dict[int, tuple[tuple[int, ...], int]], images: dict, annotations: dict,
+                   instances_path: Path) -> list[str]:
+    """Refs whose annotations or image ``instances_path`` lacks, or whose annotation is another image's."""
+    problems = []
     for ref_id, (ann_ids, image_id) in anns_of_ref.items():
         for ann_id in ann_ids:
             if ann_id not in annotations:
@@ -341,11 +375,7 @@ def read_refer(ref_dir: str | Path, split_by: str, splits: Sequence[str], text_f
                                 f"not to the ref's image {image_id}")
         if image_id not in images:
             problems.append(f"ref {ref_id}: image {image_id} is not in {instances_path}")
-    if crowd:
-        _drop_crowd_from_unions(samples, annotations, crowd)
-    counts = {s: (refs_per_split[s], len(images_per_split[s]), len(samples[s])) for s in splits}
-    target_counts = {s: (no_target[s], multi_target[s]) for s in splits}
-    return ReferIndex(samples, images, annotations, counts, target_counts, problems, other_splits, sentenceless)
+    return problems
 
 
 def _drop_crowd_from_unions(samples: dict[str, list[Sample]], annotations: dict[int, tuple[int, Any]],
