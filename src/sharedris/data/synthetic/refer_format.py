@@ -65,34 +65,14 @@ def write_refer_format(
             sample["image"].save(image_dir / file_name, quality=95)
             images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
             first_ann = len(annotations) + 1
-            for k, obj in enumerate(sample["objects"]):
-                xs, ys = obj["polygon"][0::2], obj["polygon"][1::2]
-                annotations.append({
-                    "id": first_ann + k,
-                    "image_id": image_id,
-                    "segmentation": [obj["polygon"]],
-                    "bbox": [min(xs), min(ys), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
-                    "area": float(obj["area"]),
-                    "category_id": SHAPES.index(obj["shape"]) + 1,
-                    "iscrowd": 0,
-                })
+            annotations += [_annotation(first_ann + k, image_id, obj) for k, obj in enumerate(sample["objects"])]
             sentences = []
             for text in sample["texts"][: int(rng.integers(1, 3))]:
                 sent_id += 1
                 raw = text[0].upper() + text[1:] if rng.random() < 0.3 else text
                 sent = text.lower()
                 sentences.append({"sent_id": sent_id, "tokens": sent.split(), "raw": raw, "sent": sent})
-            ref_id = len(refs) + 1
-            ann_ids = [first_ann + t for t in sample["targets"]]
-            category_ids = [SHAPES.index(sample["objects"][t]["shape"]) + 1 for t in sample["targets"]]
-            ref: dict[str, Any] = {"ref_id": ref_id}
-            if layout == "refcoco":
-                ref.update(ann_id=ann_ids[0], image_id=image_id, split=split, category_id=category_ids[0])
-            else:
-                ref.update(ann_id=ann_ids or [NO_TARGET_ANN_ID], image_id=image_id, split=split,
-                           category_id=category_ids or [NO_TARGET_ANN_ID], no_target=not ann_ids)
-            ref.update(sent_ids=[s["sent_id"] for s in sentences],
-                       file_name=f"COCO_train2014_{image_id:012d}_{ref_id}.jpg", sentences=sentences)
+            ref = _ref(layout, len(refs) + 1, image_id, split, sample, first_ann, sentences)
             refs.append(ref)
     instances = {
         "info": {"description": "sharedris synthetic referring scenes", "seed": seed},
@@ -107,3 +87,33 @@ def write_refer_format(
     else:
         (ref_dir / "grefs(unc).json").write_text(json.dumps(refs))
     return ref_dir
+
+
+def _annotation(ann_id: int, image_id: int, obj: dict[str, Any]) -> dict[str, Any]:
+    """A COCO annotation of one drawn object: its polygon, the polygon's box, its pixel area, its shape."""
+    xs, ys = obj["polygon"][0::2], obj["polygon"][1::2]
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "segmentation": [obj["polygon"]],
+        "bbox": [min(xs), min(ys), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
+        "area": float(obj["area"]),
+        "category_id": SHAPES.index(obj["shape"]) + 1,
+        "iscrowd": 0,
+    }
+
+
+def _ref(layout: str, ref_id: int, image_id: int, split: str, sample: dict[str, Any], first_ann: int,
+         sentences: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ref of one sample: single ids (refcoco layout) or lists, [-1] for no target (grefcoco)."""
+    ann_ids = [first_ann + t for t in sample["targets"]]
+    category_ids = [SHAPES.index(sample["objects"][t]["shape"]) + 1 for t in sample["targets"]]
+    ref: dict[str, Any] = {"ref_id": ref_id}
+    if layout == "refcoco":
+        ref.update(ann_id=ann_ids[0], image_id=image_id, split=split, category_id=category_ids[0])
+    else:
+        ref.update(ann_id=ann_ids or [NO_TARGET_ANN_ID], image_id=image_id, split=split,
+                   category_id=category_ids or [NO_TARGET_ANN_ID], no_target=not ann_ids)
+    ref.update(sent_ids=[s["sent_id"] for s in sentences],
+               file_name=f"COCO_train2014_{image_id:012d}_{ref_id}.jpg", sentences=sentences)
+    return ref
