@@ -1,4 +1,4 @@
-"""`sharedris predict` and `Predictor.predict` on good and bad user input.
+"""`sharedris predict` on good and bad user input (the Python API's: tests/test_predictor.py).
 
 Bad input is one line on stderr and exit code 2, never a traceback. Expression rules, shared with
 the service: an empty (or blank) expression is an error; a long one is cut to the model's token
@@ -21,7 +21,6 @@ from _tiny_model import save_tiny_model, scene
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sharedris.data.images import ImageError
 from sharedris.render import overlay
 
 
@@ -197,73 +196,3 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, model_dir, case):
     _assert_user_error(_predict(*args, cwd=tmp_path), *needles)
     assert not marker.exists()
     assert not (tmp_path / "predictions").exists() or not any((tmp_path / "predictions").iterdir())
-
-
-def test_malicious_pickle_payload_is_live(tmp_path):
-    """The refused payload above would really have run: unpickling it creates the marker."""
-    marker = tmp_path / "pwned"
-    pickle.loads(_malicious_pickle(marker))
-    assert marker.exists()
-
-
-# ------------------------------------------------------------------------------------- Python
-def _png_16bit(tmp_path) -> Image.Image:
-    arr = (np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100).astype(np.uint16)
-    Image.fromarray(arr).save(tmp_path / "deep.png")  # saved as 16-bit greyscale
-    img = Image.open(tmp_path / "deep.png")
-    assert img.mode.startswith("I")
-    return img
-
-
-@pytest.mark.parametrize("kind", ["path", "str_path", "bytes", "pil", "array_rgb", "array_grey", "array_rgba",
-                                  "grey", "rgba", "palette", "16bit", "cmyk"])
-def test_predict_accepts_any_image_input(tmp_path, predictor, kind):
-    base = scene(30, 20, seed=2)
-    base.save(tmp_path / "base.png")
-    src = {
-        "path": lambda: tmp_path / "base.png",
-        "str_path": lambda: str(tmp_path / "base.png"),
-        "bytes": lambda: (tmp_path / "base.png").read_bytes(),
-        "pil": lambda: base,
-        "array_rgb": lambda: np.asarray(base),
-        "array_grey": lambda: np.asarray(base.convert("L")),
-        "array_rgba": lambda: np.asarray(base.convert("RGBA")),
-        "grey": lambda: base.convert("L"),
-        "rgba": lambda: base.convert("RGBA"),
-        "palette": lambda: base.convert("P"),
-        "16bit": lambda: _png_16bit(tmp_path),
-        "cmyk": lambda: base.convert("CMYK"),
-    }[kind]()
-    texts = ["the red box", "the left one"]
-    pred = predictor.predict(src, texts)
-    assert pred.masks.shape == (2, 20, 30) and pred.masks.dtype == bool
-    assert pred.scores.shape == (2,) and np.all((pred.scores >= 0) & (pred.scores <= 1))
-    if kind in ("path", "str_path", "bytes", "pil", "array_rgb", "array_rgba"):  # same pixels, same masks
-        np.testing.assert_array_equal(pred.masks, predictor.predict(base, texts).masks)
-
-
-@pytest.mark.parametrize("size", [(1, 1), (2000, 3), (3, 2000)])
-def test_predict_on_tiny_and_extreme_aspect_images(predictor, size):
-    pred = predictor.predict(scene(*size), "the box")
-    assert pred.masks.shape == (1, size[1], size[0])
-
-
-def test_predict_expression_rules(predictor):
-    img = scene(16, 16)
-    with pytest.raises(ValueError, match="expression 1 is empty"):
-        predictor.predict(img, "")
-    with pytest.raises(ValueError, match="expression 2 is empty"):
-        predictor.predict(img, ["a", " \n"])
-    with pytest.raises(ValueError, match="at least one"):
-        predictor.predict(img, [])
-    # a long expression is cut to the model's token length: same result as its first few words
-    long = "the red box " * 1000
-    np.testing.assert_array_equal(predictor.predict(img, long).masks, predictor.predict(img, long[:300]).masks)
-    assert predictor.predict(img, ["🐱👈", "左边的红色盒子"]).masks.shape == (2, 16, 16)
-
-
-def test_predict_refuses_bad_arrays(predictor):
-    with pytest.raises(ImageError, match="uint8"):
-        predictor.predict(np.zeros((4, 4, 3), dtype=np.float32), "a")
-    with pytest.raises(ImageError, match="shape"):
-        predictor.predict(np.zeros((4, 4, 2), dtype=np.uint8), "a")
