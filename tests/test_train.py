@@ -469,13 +469,21 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
     ours, theirs = load_file(ddp / "final" / "model.safetensors"), load_file(single / "final" / "model.safetensors")
     assert ours.keys() == theirs.keys()
+    lr, steps = 1e-3, len(log_one)
     for k in ours:
-        # The FPN's convs (and the LayerNorms before them) carry biases that a one-channel-per-group
-        # GroupNorm cancels: their true gradient is 0, and AdamW turns the rounding noise into
-        # lr-sized steps, in a single process with grad_accum=2 just the same. So the FPN is
-        # compared by what it computes, below.
-        if not k.startswith("fpn."):
-            torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-4, msg=k)
+        # The two runs sum the same gradients in another order, so they differ by float rounding,
+        # which AdamW passes on almost unchanged: except where a true gradient is ~0, as its first
+        # step moves a weight by lr * sign(gradient), and rounding can flip that sign (a
+        # difference of up to 2 * lr per step). So: every weight within that bound, and all but a
+        # few in a thousand (or one) within 1e-4 (a wrong gradient, e.g. one rank's half batch, moves
+        # nearly all of them by ~lr). The FPN's convs (and the LayerNorms before them) carry
+        # biases that a one-channel-per-group GroupNorm cancels: their true gradient is 0
+        # everywhere, so the FPN is compared by what it computes, below.
+        if k.startswith("fpn."):
+            continue
+        diff = (ours[k] - theirs[k]).abs()
+        assert diff.max() <= 2 * lr * steps, k
+        assert int((diff > 1e-4).sum()) <= max(1, 0.003 * diff.numel()), (k, int((diff > 1e-4).sum()), diff.numel())
     torch.manual_seed(1)
     image, ids = torch.randn(4, 3, 64, 64), torch.randint(4, 500, (4, 24))
     with torch.no_grad():
