@@ -199,10 +199,10 @@ class _Bar:
 @pytest.fixture
 def bars(monkeypatch):
     """The progress bars that bulk runs open, in order."""
-    import sharedris.bulk as bulk
+    import sharedris.bulk.engine as engine
 
     made = []
-    monkeypatch.setattr(bulk, "progress", lambda **options: made.append(_Bar(**options)) or made[-1])
+    monkeypatch.setattr(engine, "progress", lambda **options: made.append(_Bar(**options)) or made[-1])
     return made
 
 
