@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
 from sharedris.data.datasets import RISSamples, collate
 from sharedris.data.sample import Source
 from sharedris.data.transforms import mask_to_tensor
+from sharedris.distributed import rank_world
 from sharedris.metrics import METRIC_KEYS, GRESMeter, RISMeter
 from sharedris.predictor import Predictor
 from sharedris.progress import progress as progress_bar
@@ -19,12 +19,6 @@ from sharedris.runtime import DEFAULT_DEVICE, DEFAULT_PRECISION, DEFAULT_PRESENC
 from sharedris.text import Tokenizer
 
 PROTOCOLS = ("original", "resized")
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @torch.no_grad()
@@ -71,7 +65,7 @@ def evaluate(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
-    rank, world = _rank_world()
+    rank, world = rank_world()
     predictor = Predictor(model, tokenizer, device=device, precision=precision, runtime=runtime,
                           presence_threshold=presence_threshold)
     cfg = predictor.config
