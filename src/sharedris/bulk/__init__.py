@@ -114,10 +114,10 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
                      fresh: bool = False) -> BulkSummary:
     """Segment every (image, expression) pair of ``manifest`` into ``out_dir/results.jsonl``.
 
-    Each results line is ``{"id", "text_index", "image", "image_sha256", "text", "matched",
-    "present", "score", "height", "width", "rle", "unknown_words"}`` (the SHA-256 of the image
-    file's bytes; COCO RLE at the displayed size, empty where ``matched`` is false: the expression
-    matches nothing; the expression's words the model does not know); bad rows go to
+    Each results line is ``{"id", "text_index", "image", "image_sha256", "height", "width"}`` (the
+    SHA-256 of the image file's bytes, its displayed size) followed by the answer record of
+    :func:`sharedris.render.answer_record` (text, matched, present, score, COCO RLE, bbox, unknown
+    words; the mask empty and the box null where ``matched`` is false); bad rows go to
     ``out_dir/errors.jsonl`` as ``{"line", "id", "image", "reason"}``. ``out_dir/run.json`` holds
     the model and settings (:func:`run_settings`). A rerun reuses every pair the folder already
     answers (same image path and bytes, same expression) and predicts the others; afterwards
@@ -140,7 +140,8 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
             threads, while this thread decodes the next images and writes results in order; None =
             :func:`default_lanes` for the predictor's device. Torch's thread count is process-wide:
             with 2 or more lanes it is divided for the run and restored after.
-        save_png: also write ``<id>__<text index>_mask.png`` (not for "no match") and ``_overlay.png`` per pair.
+        save_png: also write each pair's mask PNG (not for "no match") and overlay PNG, named by
+            :func:`sharedris.render.png_names` from the row's id and the expression.
         show_progress: a progress bar of the pairs on stderr (rank 0 only).
         fresh: first delete the folder's earlier results (results.jsonl, replaced.jsonl, run.json).
     Returns:
