@@ -14,9 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from sharedris.devices import DEVICE_HELP, resolve_device
 from sharedris.precision import PRECISIONS
@@ -209,7 +207,7 @@ def _predict_one(args: argparse.Namespace, image_path: str, device: torch.device
     """
     from sharedris.data.images import load_image
     from sharedris.predictor import Predictor
-    from sharedris.render import answer_record, overlay, png_names, unknown_words_line
+    from sharedris.render import answer_record, png_names, save_pngs, unknown_words_line
     from sharedris.text import validate_texts
 
     validate_texts(args.text)  # before any model work
@@ -223,15 +221,9 @@ def _predict_one(args: argparse.Namespace, image_path: str, device: torch.device
     if warning:
         print(warning, file=sys.stderr)
     results = []
-    for n, (text, names) in enumerate(zip(args.text, png_names(Path(image_path).stem, args.text))):
-        record = answer_record(text, pred, n)
-        mask_path, overlay_path = out / names[0], out / names[1]
-        if record["matched"]:
-            Image.fromarray(pred.masks[n].astype(np.uint8) * 255).save(mask_path)
-        overlay(image, pred.masks[n], text, score=float(pred.scores[n]), present=float(pred.present[n]),
-                matched=record["matched"]).save(overlay_path)
-        results.append({**record, "mask_png": str(mask_path) if record["matched"] else None,
-                        "overlay_png": str(overlay_path)})
+    for n, (text, (mask_png, overlay_png)) in enumerate(zip(args.text, png_names(Path(image_path).stem, args.text))):
+        results.append({**answer_record(text, pred, n), **save_pngs(image, pred, n, text, out / mask_png,
+                                                                     out / overlay_png)})
     if args.json:
         print(json.dumps({"image": image_path, "height": image.height, "width": image.width, "results": results}))
     else:

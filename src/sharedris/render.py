@@ -182,6 +182,21 @@ def answer_record(text: str, pred: "Prediction", n: int) -> dict[str, Any]:
             "unknown_words": list(pred.unknown_words[n]) if pred.unknown_words else []}
 
 
+def save_pngs(image: Image.Image, pred: "Prediction", n: int, text: str, mask_path: Path,
+              overlay_path: Path) -> dict[str, str | None]:
+    """Write answer ``n`` of ``pred`` (to ``text``) on ``image`` as PNGs: its mask (none for "no match",
+    and an earlier answer's mask file removed) and its :func:`overlay`. Returns the record's
+    ``mask_png`` (None for "no match") and ``overlay_png``."""
+    mask, matched = pred.masks[n], bool(pred.matched[n])
+    if matched:
+        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+    else:
+        Path(mask_path).unlink(missing_ok=True)
+    overlay(image, mask, text, score=float(pred.scores[n]), present=float(pred.present[n]),
+            matched=matched).save(overlay_path)
+    return {"mask_png": str(mask_path) if matched else None, "overlay_png": str(overlay_path)}
+
+
 def png_names(label: str, texts: Sequence[str], max_chars: int = 60) -> list[tuple[str, str]]:
     """(mask, overlay) PNG file names of each of ``texts`` asked of one image called ``label``.
 

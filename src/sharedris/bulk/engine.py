@@ -38,7 +38,7 @@ from sharedris.data.images import ImageError, load_image
 from sharedris.modeling.segmenter import SegmenterOutput
 from sharedris.predictor import ImagePreprocessor, Prediction, Predictor
 from sharedris.progress import progress
-from sharedris.render import answer_record, overlay, png_names
+from sharedris.render import answer_record, png_names, save_pngs
 
 
 @dataclass(frozen=True)
@@ -281,15 +281,7 @@ class _Run:
 
     def _pngs(self, row: Row, k: int, image: Image.Image, pred: Prediction, n: int) -> dict[str, str | None]:
         """The mask and overlay PNGs of pair ``k`` of ``row`` (``n`` in ``pred``); no mask PNG for "no match"."""
-        mask_path, overlay_path = self._png_paths(row, k)
-        mask, matched = pred.masks[n], bool(pred.matched[n])
-        if matched:
-            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        else:  # an earlier answer's mask
-            mask_path.unlink(missing_ok=True)
-        overlay(image, mask, row.texts[k], score=float(pred.scores[n]), present=float(pred.present[n]),
-                matched=matched).save(overlay_path)
-        return {"mask_png": str(mask_path) if matched else None, "overlay_png": str(overlay_path)}
+        return save_pngs(image, pred, n, row.texts[k], *self._png_paths(row, k))
 
 
 def _record(row: Row, k: int, sha256: str, pred: Prediction, n: int) -> dict[str, Any]:
