@@ -107,11 +107,8 @@ def main() -> None:
     print(f"{args.model}: {where}, {count} scenes ({has_target_a.sum()} with a target, "
           f"{(~has_target_a).sum()} without)")
     print(f"presence ROC AUC (target vs no-target):       {auc:.4f}")
-    for family in FAMILIES:
-        if family in no_match:
-            answers = no_match[family]
-            print(f"  N-acc of no-target expressions phrased as {family + ':':<13} {np.mean(answers):.3f} "
-                  f"({len(answers)})")
+    for family, answers in sorted(no_match.items()):
+        print(f"  N-acc of no-target expressions phrased as {family + ':':<13} {np.mean(answers):.3f} ({len(answers)})")
     print(f"predicted IoU vs real IoU, Spearman (answered targets, {len(real_iou_a)}): {rho:.4f}")
     print(f"predicted IoU, ROC AUC of IoU >= 0.5 vs < 0.5:  {roc_auc(predicted_iou_a[good], predicted_iou_a[~good]):.4f} "
           f"({good.sum()} vs {(~good).sum()} masks)")

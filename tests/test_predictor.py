@@ -114,7 +114,9 @@ def test_a_predictor_leaves_its_callers_model_as_it_was(model_dir, precision, ru
     assert after[:4] == before[:4]
     assert all(torch.equal(before[4][name], t) for name, t in after[4].items())
     assert predictor.precision == precision and predictor.runtime == runtime
-    if precision == "fp32":  # a model in training mode is run in eval mode all the same
+    if runtime == "torch":  # a model in training mode is run in eval mode all the same
+        assert not any(m.training for m in predictor.runner.module.modules())
+    if precision == "fp32":
         reference = Predictor(load_pretrained(model_dir).eval(), precision="fp32").predict(scene(48, 40, seed=2), TEXTS)
         np.testing.assert_allclose(out.present, reference.present, atol=1e-4)
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import sharedris.train.loop as loop
 from sharedris.checkpoint import atomic_write, load_resume_state, save_resume_state
 from sharedris.config import merge, to_dict
-from sharedris.data.synthetic import FAMILIES, SyntheticRefScenes
+from sharedris.data.synthetic import SyntheticRefScenes
 from sharedris.metrics import METRIC_KEYS
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.modeling.registry import build_model
@@ -469,7 +469,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
     ours, theirs = load_file(ddp / "final" / "model.safetensors"), load_file(single / "final" / "model.safetensors")
     assert ours.keys() == theirs.keys()
-    lr, steps = 1e-3, len(log_one)
+    lr, steps, new_mult = 1e-3, len(log_one), OptimConfig().new_module_lr_mult  # new modules learn new_mult x faster
     for k in ours:
         # The two runs sum the same gradients in another order, so they differ by float rounding,
         # which AdamW passes on almost unchanged: except where a true gradient is ~0, as its first
@@ -482,7 +482,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         if k.startswith("fpn."):
             continue
         diff = (ours[k] - theirs[k]).abs()
-        assert diff.max() <= 2 * lr * steps, k
+        assert diff.max() <= 2 * lr * (1 if k.startswith("encoder.") else new_mult) * steps, k
         assert int((diff > 1e-4).sum()) <= max(1, 0.003 * diff.numel()), (k, int((diff > 1e-4).sum()), diff.numel())
     torch.manual_seed(1)
     image, ids = torch.randn(4, 3, 64, 64), torch.randint(4, 500, (4, 24))
