@@ -188,7 +188,7 @@ def test_position_targets_are_extreme_by_12_percent(samples):
         side = next(SIDES[w] for w in words if w in SIDES)
         (target,) = s["ann_ids"]
         width, height = s["image"].size
-        axis, extent, sign = (0, width, -1) if side in ("left", "right") else (1, height, -1)
+        axis, extent = (0, width) if side in ("left", "right") else (1, height)
         sign = 1 if side in ("right", "bottom") else -1
         same = [k for k, o in enumerate(s["objects"]) if o["shape"] == shape]
         assert target in same and len(same) >= 2
@@ -322,7 +322,7 @@ def test_training_never_reads_the_heldout_renderer():
         assert "heldout" not in path.read_text().replace("HELDOUT_FOR_EVALUATION_ONLY", ""), path
     imported = {node.module for node in ast.walk(ast.parse((src / "data" / "heldout.py").read_text()))
                 if isinstance(node, ast.ImportFrom)}
-    assert imported & {m for m in imported if m and m.startswith("sharedris")} == {
+    assert {m for m in imported if m and m.startswith("sharedris")} == {
         "sharedris.data.synthetic", "sharedris.data.synthetic.families"}
 
 
