@@ -307,6 +307,25 @@ def test_init_from_starts_from_a_model_folder(run_a, tmp_path):
     assert any(not torch.equal(scratch.state_dict()[k], v) for k, v in start.state_dict().items())
 
 
+def test_init_from_at_another_input_size_resamples_the_vision_positions(run_a, tmp_path):
+    from sharedris.modeling.beit3 import resample_vision_positions
+
+    _, run_a_dir = run_a
+    start = load_pretrained(run_a_dir / "final").state_dict()
+    cfg = _cfg(tmp_path / "big", epochs=1, init_from=str(run_a_dir / "final"), optim={"lr": 0.0},
+               model_overrides={**TINY_MODEL, "image_size": 96})
+    final = load_pretrained(train(cfg, device="cpu") / "final")
+    assert final.config.image_size == 96
+    positions = "encoder.pos_embed_vision"
+    grown = final.state_dict()[positions]
+    assert grown.shape[0] == start[positions].shape[0] - 16 + 36  # a 4x4 token grid became 6x6
+    assert torch.equal(grown, resample_vision_positions(start[positions], 6))
+    assert torch.equal(grown[:3], start[positions][:3])  # the offset rows and CLS are kept as they were
+    for k, v in start.items():
+        if k != positions:
+            assert torch.equal(final.state_dict()[k], v), k
+
+
 def test_a_resumed_run_takes_its_weights_from_the_resume_file_not_init_from(run_a, tmp_path):
     import shutil
 

@@ -23,6 +23,7 @@ from sharedris.data.registry import build_source
 from sharedris.evaluate import evaluate
 from sharedris.losses import referring_loss
 from sharedris.modeling.pretrained import PretrainedError, read_checkpoint, resolve_tokenizer, save_pretrained
+from sharedris.modeling.beit3 import resample_vision_positions
 from sharedris.modeling.registry import build_model, model_config
 from sharedris.precision import autocast_context, training_amp_dtype
 from sharedris.progress import progress, write
@@ -86,8 +87,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Copy the weights of the model folder ``cfg.init_from`` into ``model``, except ``cfg.init_skip``.
 
-    The folder's weights must fit ``model`` (same names and shapes); settings that hold no weights
-    (e.g. ``decoder.iou_from_mask``) come from ``cfg.model`` and ``cfg.model_overrides``.
+    The folder's weights must fit ``model`` (same names and shapes), except that a model with
+    another input size takes the folder's vision positions resampled to its own token grid; settings
+    that hold no weights (e.g. ``decoder.iou_from_mask``) come from ``cfg.model`` and ``cfg.model_overrides``.
     """
     try:
         start = read_checkpoint(cfg.init_from)[2]  # the weights alone: no second model in memory
@@ -95,6 +97,9 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
         raise ValueError(f"init_from={cfg.init_from!r}: {e}") from None
     own = model.state_dict()
     skip = _prefixes(model, "init_skip", cfg.init_skip)
+    positions = "encoder.pos_embed_vision"
+    if positions in start and positions in own and start[positions].shape[0] != own[positions].shape[0]:
+        start[positions] = resample_vision_positions(start[positions], model.encoder.cfg.grid_size)
     if {k: v.shape for k, v in start.items()} != {k: v.shape for k, v in own.items()}:
         raise ValueError(f"init_from={cfg.init_from!r} holds another architecture than model={cfg.model} with its "
                          "model_overrides; start from a folder of the same model")
@@ -355,11 +360,12 @@ def _settings_line(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, amp
 def _validate(run: _Run, epoch: int, step: int, best: float) -> float:
     """Evaluate on the val split on all ranks; rank 0 writes the metrics and keeps ``best/``.
 
-    Validation runs at the training precision: bf16 when training autocasts to bf16, else fp32.
+    Validation runs at the training precision (bf16 when training autocasts to bf16, else fp32), on
+    PyTorch: weights that change every epoch are not worth converting for another runtime.
     """
     cfg, info, model = run.cfg, run.info, run.model
     model.eval()  # in eval mode and on its device, an fp32 evaluation runs the model itself, not a copy
-    result = evaluate(model, run.val_source, run.tokenizer, device=info.device,
+    result = evaluate(model, run.val_source, run.tokenizer, device=info.device, runtime="torch",
                       precision="bf16" if run.amp_dtype == torch.bfloat16 else "fp32",
                       batch_size=max(1, cfg.batch_size // (info.world * cfg.grad_accum)))
     model.train()
