@@ -38,7 +38,7 @@ decoder with its own LayerNorm instead of Swin's final one, so ``SwinModel.layer
 by an identity and the four norms count as fusion. The table gives each part's parameters and
 GFLOPs, the fusion's among them, so that the comparison can be checked part by part.
 
-Printed: the CPU (``/proc/cpuinfo`` model name, torch's kernel level), then per model the
+Printed: the CPU (its model name, instruction sets and torch's kernel level), then per model the
 parameters (millions, every parameter of the built modules), GFLOPs of one forward pass (matrix
 products, convolutions and attention, counted by ``torch.utils.flop_counter.FlopCounterMode``
 through ``sharedris.benchmark``'s attention mapping; 2 FLOPs per multiply-add), the median wall
@@ -60,7 +60,6 @@ BERT 32 wide) to check the script quickly. Needs ``transformers`` (the ``bench``
 from __future__ import annotations
 
 import argparse
-import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sharedris.benchmark import _sdpa_flops, cpu_description, median_seconds
+from sharedris.benchmark import cpu_description, flop_counter, median_seconds
 from sharedris.modeling.registry import build_model
 
 # LAVT's Swin-B (lib/segmentation.py, swin_type "base", window 12) and BERT-base (bert-base-uncased)
@@ -228,10 +227,7 @@ def part_flops(model: nn.Module, fn: Callable[[], object]) -> dict[str, int]:
     Counted like :func:`sharedris.benchmark.count_flops` (its attention mapping included); FLOPs
     outside every child, if any, are ``"other"``.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
-    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    counter = flop_counter()
     with torch.inference_mode(), counter:
         fn()
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
@@ -290,18 +286,6 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
             "flops": dual["flops"]["total"] / single["flops"]["total"]}
 
 
-def cpu_model() -> str:
-    """The first ``model name`` of ``/proc/cpuinfo`` (``platform.processor()`` where there is none)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _num(x: float) -> str:
     """4 significant figures, no exponent for the sizes printed here."""
     return f"{x:.4g}" if 1e-3 <= abs(x) < 1e5 else f"{x:.3e}"
@@ -352,8 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = {"sharedris": "sharedris_tiny" if args.tiny else "sharedris_base",
               "dual": f"dual: {'tiny ' if args.tiny else ''}Swin + BERT + LAVT fusion and decoder"}
     print(cpu_description())
-    print(f"CPU model (/proc/cpuinfo): {cpu_model()}; torch {torch.__version__}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; transformers {transformers.__version__}")
+    print(f"transformers {transformers.__version__}")
     print(f"{args.image_size} px, {args.text_len} text tokens, batch 1, fp32, eager, {args.threads} threads, "
           f"median of {args.runs} runs, the two models in turn; Swin embed {swin.embed_dim} depths {swin.depths} "
           f"window {swin.window_size}, BERT {bert.num_hidden_layers} x {bert.hidden_size}, "

@@ -7,7 +7,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -78,12 +78,17 @@ def _sdpa_flops(q: tuple[int, ...], k: tuple[int, ...], v: tuple[int, ...], *arg
     return 2 * b * h * n * k[-2] * d + 2 * b * h * n * k[-2] * v[-1]
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of ``fn`` (matmuls, convolutions and attention)."""
+def flop_counter() -> Any:
+    """A silent ``torch.utils.flop_counter.FlopCounterMode`` that also counts CPU flash attention."""
     from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
-    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` (matmuls, convolutions and attention)."""
+    counter = flop_counter()
     with torch.inference_mode(), counter:
         fn()
     return counter.get_total_flops()
