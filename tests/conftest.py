@@ -1,10 +1,21 @@
 """Fixtures shared by the predictor, CLI, bulk and service tests."""
 
+import os
+
 import pytest
 from _tiny_model import save_tiny_model
 
 from sharedris.modeling.pretrained import load_pretrained
 from sharedris.predictor import Predictor
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sharedris_home(tmp_path_factory):
+    """The tests' own sharedris folder (converted models), unless SHAREDRIS_HOME names one: a run
+    with SHAREDRIS_HOME set finds the conversions of the run before it."""
+    if not os.environ.get("SHAREDRIS_HOME"):
+        os.environ["SHAREDRIS_HOME"] = str(tmp_path_factory.mktemp("sharedris_home"))
+    return os.environ["SHAREDRIS_HOME"]
 
 
 @pytest.fixture(scope="session")

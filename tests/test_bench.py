@@ -62,6 +62,9 @@ def test_bench_model_bad_runtime_is_one_sentence(capsys):
         main(["bench", "model", "--models", "sharedris_tiny", "--runtime", "onnx"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "unknown runtime 'onnx'; choose one of torch, openvino" in err
+    with pytest.raises(SystemExit) as exit_:  # auto picks one runtime; bench compares the ones it is given
+        main(["bench", "model", "--models", "sharedris_tiny", "--runtime", "torch,auto"])
+    assert exit_.value.code == 2 and "bench times the runtimes it is given by name" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "model", "--models", "sharedris_tiny", "--runtime", ","])
     err = capsys.readouterr().err

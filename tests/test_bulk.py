@@ -370,13 +370,17 @@ def test_an_openvino_run_is_identified_by_the_model_it_converts(tmp_path, model_
     scene(20, 14).save(tmp_path / "0.png")
     rows = [{"image": str(tmp_path / "0.png"), "texts": TEXTS}]
     model = load_pretrained(model_dir)
-    with pytest.raises(ValueError, match="pass the model itself with runtime='openvino'"):
-        predict_manifest(Predictor(model, runtime="openvino"), rows, tmp_path / "no", show_progress=False)
     summary = predict_manifest(model, rows, tmp_path / "out", runtime="openvino", workers=0, show_progress=False)
-    again = predict_manifest(model, rows, tmp_path / "out", runtime="openvino", workers=0, show_progress=False)
+    # an OpenVINO predictor passed whole is identified as the model it was converted from
+    again = predict_manifest(Predictor(model, runtime="openvino"), rows, tmp_path / "out", workers=0,
+                             show_progress=False)
     assert (summary.written, again.reused) == (2, 2)
     with pytest.raises(ResultsMismatch, match="runtime openvino .this run: torch."):
-        predict_manifest(model, rows, tmp_path / "out", workers=0, show_progress=False)
+        predict_manifest(model, rows, tmp_path / "out", runtime="torch", workers=0, show_progress=False)
+    with torch.no_grad():
+        model.decoder.presence_mlp[-1].bias.add_(1.0)
+    with pytest.raises(ResultsMismatch, match="model"):  # other weights: another model
+        predict_manifest(model, rows, tmp_path / "out", runtime="openvino", workers=0, show_progress=False)
 
 
 # ----------------------------------------------------------------------------------- torchrun

@@ -25,7 +25,8 @@ ALLOWED = {
     "metrics": set(),
     "losses": {"modeling"},  # one loss term per field of the model's output type
     "precision": set(),
-    "runtime": {"modeling", "precision"},  # the one place that sets up a model for inference
+    "conversions": {"checkpoint"},  # the disk cache of converted models
+    "runtime": {"modeling", "precision", "conversions"},  # the one place that sets up a model for inference
 }
 INFERENCE = {"bulk", "predictor", "serve", "cli"}  # the doors that run a trained model
 

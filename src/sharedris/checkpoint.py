@@ -1,4 +1,4 @@
-"""Crash-safe file writing, output folders, and the training-resume file.
+"""Crash-safe file writing, the user's and output folders, and the training-resume file.
 
 Every file is written to a temporary name in the same folder, flushed to disk, then renamed over
 the target: a crash mid-write leaves the previous file intact, never a truncated one.
@@ -17,6 +17,12 @@ import torch
 
 class FolderError(ValueError):
     """A folder that cannot be created or written to; the message names it and says why."""
+
+
+def home_dir() -> Path:
+    """The user's sharedris folder (fetched weights, converted models): ``$SHAREDRIS_HOME``, else
+    ``~/.cache/sharedris``."""
+    return Path(os.environ.get("SHAREDRIS_HOME") or Path.home() / ".cache" / "sharedris").expanduser()
 
 
 def writable_dir(path: str | Path, what: str = "folder") -> Path:

@@ -24,11 +24,11 @@ from sharedris.runtime import (
     DEFAULT_PRESENCE_THRESHOLD,
     DEFAULT_RUNTIME,
     RUNTIMES,
-    check_runtime_name,
 )
 
-RUNTIME_HELP = ("what runs the model: torch, or openvino (CPU, fp32/bf16; the faster bf16 path on CPUs with "
-                "AVX-512-BF16 but no AMX; needs the openvino extra)")
+RUNTIME_HELP = ("what runs the model: torch; openvino (CPU, fp32/bf16; conversions are cached); or auto = openvino "
+                "on a CPU at fp32/bf16 when the openvino package is installed (the fastest path measured on CPUs), "
+                "else torch")
 PRECISION_HELP = ("numeric precision: auto = bf16 where the hardware runs it fast (CUDA GPUs with bf16, CPUs "
                   "with AMX or AVX-512-BF16), else fp32; int8 = dynamic int8 linear layers (CPU only)")
 
@@ -112,10 +112,14 @@ def _cmd_bench_model(args: argparse.Namespace) -> None:
     from sharedris.precision import resolve_precision
 
     precisions = concrete_precisions(args.precision)  # an unknown name fails here, before any model work
+    named = [r for r in RUNTIMES if r != "auto"]
     if not args.runtime:
-        raise UserError(f"no runtime given; list one or more of {', '.join(RUNTIMES)}")
+        raise UserError(f"no runtime given; list one or more of {', '.join(named)}")
     for runtime in args.runtime:
-        check_runtime_name(runtime)
+        if runtime == "auto":
+            raise UserError(f"bench times the runtimes it is given by name; list one or more of {', '.join(named)}")
+        if runtime not in named:
+            raise UserError(f"unknown runtime {runtime!r}; choose one of {', '.join(named)}")
     print(cpu_description())
     print(f"precisions: {', '.join(precisions)} (auto runs {resolve_precision('auto', 'cpu')} on this CPU); "
           f"{args.threads} threads, median of {args.runs} runs, throughput at batch {args.batch}", flush=True)
@@ -175,11 +179,11 @@ def _load_model(name: str, device: str):
     return load_pretrained(name, device=device)
 
 
-def _log_precision(asked: str, precision: str, runtime: str, device) -> None:
-    """One line on stderr saying which precision runs (``auto`` resolves per machine), and where."""
-    how = f"auto -> {precision}" if asked == "auto" else precision
-    runtime = "" if runtime == "torch" else f" (runtime {runtime})"
-    print(f"precision: {how}{runtime} on {device}", file=sys.stderr)
+def _log_precision(args: argparse.Namespace, precision: str, runtime: str, device) -> None:
+    """One line on stderr saying which precision and runtime run (``auto`` resolves per machine), and where."""
+    precision = f"auto -> {precision}" if args.precision == "auto" else precision
+    runtime = f"auto -> {runtime}" if args.runtime == "auto" else runtime
+    print(f"precision: {precision}, runtime: {runtime}, on {device}", file=sys.stderr)
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -215,7 +219,7 @@ def _predict_one(args: argparse.Namespace, image_path: str, device: torch.device
     out = _out_dir(args.out_dir)
     predictor = Predictor(_load_model(args.model, device), device=device, precision=args.precision,
                           presence_threshold=args.presence_threshold, runtime=args.runtime)
-    _log_precision(args.precision, predictor.precision, predictor.runtime, device)
+    _log_precision(args, predictor.precision, predictor.runtime, device)
     pred = predictor.predict(image, args.text)
     warning = unknown_words_line(args.model, predictor.description, pred.unknown_words)
     if warning:
@@ -238,9 +242,10 @@ def _predict_one(args: argparse.Namespace, image_path: str, device: torch.device
 def _predict_bulk(args: argparse.Namespace, device: torch.device) -> None:
     """Many images or a manifest: results.jsonl (and errors.jsonl) in the output folder, rerunnable."""
     from sharedris.bulk import ResultsMismatch, image_rows, predict_manifest, read_manifest
+    from sharedris.distributed import cleanup_distributed
     from sharedris.precision import resolve_precision
     from sharedris.render import unknown_words_line
-    from sharedris.distributed import cleanup_distributed
+    from sharedris.runtime import resolve_runtime
 
     manifest = read_manifest(args.manifest if args.manifest is not None else image_rows(args.image, args.text))
     out = _out_dir(args.out_dir)
@@ -248,7 +253,8 @@ def _predict_bulk(args: argparse.Namespace, device: torch.device) -> None:
     try:
         model = _load_model(args.model, "cpu")
         if main_rank:
-            _log_precision(args.precision, resolve_precision(args.precision, device), args.runtime, device)
+            precision = resolve_precision(args.precision, device)
+            _log_precision(args, precision, resolve_runtime(args.runtime, precision, device), device)
         # the model itself, not a Predictor: its weights identify the results (run.json), whatever the runtime
         summary = predict_manifest(model, manifest, out, device=device, precision=args.precision,
                                    presence_threshold=args.presence_threshold, runtime=args.runtime,
@@ -333,10 +339,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         report[name] = res
         rows[name] = res["overall"]
         rows.update({f"{name}/{g}": m for g, m in res["groups"].items()})
-    runtime = "" if res["runtime"] == "torch" else f" (runtime {res['runtime']})"
     dataset = "synthetic (held-out renderer)" if heldout else args.dataset
-    print(f"model {args.model}, dataset {dataset}, protocol {args.protocol}, precision {res['precision']}{runtime}, "
-          f"presence threshold {res['presence_threshold']}")
+    print(f"model {args.model}, dataset {dataset}, protocol {args.protocol}, precision {res['precision']}, "
+          f"runtime {res['runtime']}, presence threshold {res['presence_threshold']}")
     print(format_table(rows))
     if args.out:  # held-out: always keyed by variant; splits: keyed when there are several
         keyed = heldout or len(report) > 1

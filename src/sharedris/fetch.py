@@ -18,14 +18,13 @@ records the digest it saw (``<file>.sha256``); fill a value in once a copy has b
 
 from __future__ import annotations
 
-import os
 import shutil
 import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sharedris.checkpoint import writable_dir
+from sharedris.checkpoint import home_dir, writable_dir
 from sharedris.data.refer import SPLIT_BYS
 from sharedris.download import DownloadError, Remote, download
 
@@ -61,9 +60,7 @@ GREFCOCO_MANUAL = (
 
 def cache_dir(path: str | Path | None = None) -> Path:
     """Where weights go: ``path``, else ``$SHAREDRIS_HOME``, else ``~/.cache/sharedris``."""
-    if path is not None:
-        return Path(path).expanduser()
-    return Path(os.environ.get("SHAREDRIS_HOME") or Path.home() / ".cache" / "sharedris").expanduser()
+    return home_dir() if path is None else Path(path).expanduser()
 
 
 def required_files(dataset: str) -> tuple[str, ...]:

@@ -4,36 +4,51 @@
 that runs a batch; the predictor (and through it evaluation, bulk prediction and the service), the
 benchmarks and the GPU check all run models through it. It never modifies the caller's model.
 
-``torch`` (the default) runs the model as it is, at the precision that
-:func:`sharedris.precision.prepare_model` sets up. ``openvino`` converts the model with
-``openvino.convert_model`` (traced on an example batch; batch size and text length stay dynamic)
-and compiles it with OpenVINO's CPU plugin at fp32 or bf16 (its ``INFERENCE_PRECISION_HINT``).
-On a CPU with AVX-512-BF16 but no AMX, PyTorch's CPU attention kernel gains nothing from bf16
-and its bf16 pass stays near 2x fp32; OpenVINO's bf16 ran 3.15x PyTorch fp32 there
-(``sharedris_base``, docs/benchmarks.md). It needs the ``openvino`` extra (``pip install 'sharedris[openvino]'``);
-converting and compiling take seconds when the predictor is built (on a 2-core CPU: 7-9 s for
-the default model, 28 s for ``sharedris_base``).
+Runtimes:
+
+- ``torch`` runs the model as it is, at the precision that :func:`sharedris.precision.prepare_model`
+  sets up.
+- ``openvino`` converts the model with ``openvino.convert_model`` (traced on an example batch; batch
+  size and text length stay dynamic) and compiles it with OpenVINO's CPU plugin at fp32 or bf16
+  (its ``INFERENCE_PRECISION_HINT``). Converting and compiling take seconds, so both results are
+  kept in the user's cache folder (:mod:`sharedris.conversions`), keyed by the model's config and
+  weights, the code that shapes the graph and the OpenVINO and torch versions (the compiled model
+  also by the CPU, precision and thread count): only a model's first start pays for them. It needs
+  the ``openvino`` package (a dependency of sharedris).
+- ``auto`` (the default of every door): OpenVINO on a CPU at fp32 or bf16 when the ``openvino``
+  package is installed, PyTorch otherwise (GPUs, int8, no OpenVINO); :func:`resolve_runtime`.
+  OpenVINO was the fastest path measured on the CPUs in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import sys
 import threading
 import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sharedris import modeling
+from sharedris.conversions import ConversionCache, digest
 from sharedris.modeling.segmenter import SegmenterOutput
 from sharedris.precision import autocast_context, prepare_model, resolve_precision
 
-RUNTIMES = ("torch", "openvino")
+RUNTIMES = ("auto", "torch", "openvino")
 # The inference defaults of every door, the library's and the command line's alike. auto precision is
 # bf16 only where bf16 runs fast (sharedris.precision), where it scored within 0.001 oIoU of fp32.
 DEFAULT_DEVICE = "cpu"
 DEFAULT_PRECISION = "auto"
-DEFAULT_RUNTIME = "torch"
+DEFAULT_RUNTIME = "auto"
 DEFAULT_PRESENCE_THRESHOLD = 0.5
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> OpenVINO's inference precision hint
 
@@ -46,6 +61,34 @@ def check_runtime_name(runtime: str) -> None:
     """Refuse, with one sentence, a runtime that is not one of :data:`RUNTIMES`."""
     if runtime not in RUNTIMES:
         raise RuntimeChoiceError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+
+
+def openvino_installed() -> bool:
+    """Whether the ``openvino`` package can be imported."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_runtime(runtime: str, precision: str, device: torch.device) -> str:
+    """The concrete runtime for ``runtime`` (``auto`` resolved), the precision and the device.
+
+    ``auto`` is OpenVINO on a CPU at fp32 or bf16 when the ``openvino`` package is installed (the
+    fastest path measured on CPUs: docs/benchmarks.md), and PyTorch otherwise (GPUs, int8, no OpenVINO).
+
+    Args:
+        runtime: one of :data:`RUNTIMES`.
+        precision: the concrete precision (``fp32``, ``bf16`` or ``int8``).
+        device: where the model runs.
+    """
+    check_runtime_name(runtime)
+    if runtime != "auto":
+        return runtime
+    if device.type == "cpu" and precision in OPENVINO_PRECISIONS and openvino_installed():
+        return "openvino"
+    return "torch"
 
 
 def check_runtime(runtime: str, precision: str, device: torch.device) -> None:
@@ -64,41 +107,162 @@ def check_runtime(runtime: str, precision: str, device: torch.device) -> None:
             raise RuntimeChoiceError(f"runtime openvino runs fp32 or bf16, not {precision}; use runtime torch for int8")
 
 
+class _PresentOutputs(nn.Module):
+    """``model`` returning only the outputs it has, as a tuple: tracing refuses the None of a missing head."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t for t in self.model(image, text_ids, text_padding_mask) if t is not None)
+
+
+def _convert(openvino: Any, model: nn.Module) -> Any:
+    """``openvino.convert_model`` of ``model``, with batch size and text length left dynamic."""
+    # an example batch of 2 with padding in one row only, so neither is baked into the graph
+    S, L = model.config.image_size, model.config.text_len
+    pad = torch.zeros(2, L, dtype=torch.bool)
+    pad[1, L // 2:] = True
+    example = (torch.zeros(2, 3, S, S), torch.full((2, L), 5, dtype=torch.long), pad)
+    inputs = [("image", [-1, 3, S, S], openvino.Type.f32), ("text_ids", [-1, -1], openvino.Type.i64),
+              ("text_padding_mask", [-1, -1], openvino.Type.boolean)]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shape checks it records as constants
+        # share_weights=False: OpenVINO copies the weights. Shared, a compiled fp32 model reads the
+        # PyTorch tensors it was converted from, and crashes once they are freed (a runner's copy is)
+        return openvino.convert_model(_PresentOutputs(model), example_input=example, input=inputs,
+                                      share_weights=False)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 (hex) of a model's state: every tensor's name, dtype, shape and bytes, in order."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """SHA-256 (hex) of the code that shapes a converted graph: the modeling package and this module."""
+    files = sorted(Path(modeling.__file__).parent.glob("*.py")) + [Path(__file__)]
+    return digest(*(hashlib.sha256(f.read_bytes()).hexdigest() for f in files))
+
+
+
+class _SignalStack(ctypes.Structure):
+    """``stack_t`` of sigaltstack(2) on Linux."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+_SS_DISABLE = 2
+
+
+@contextlib.contextmanager
+def _signal_stack_kept() -> Iterator[None]:
+    """Give this thread back, after the block, the alternate signal stack it had before it.
+
+    OpenVINO's CPU plugin, when it imports a compiled model, leaves the calling thread on an
+    alternate signal stack that it frees together with the model. The thread keeps pointing at the
+    freed memory, and the next signal it handles (a child process ending under a ``SIGCHLD``
+    handler, as PyTorch's DataLoader installs; Ctrl-C) finds no stack to run on: the kernel kills
+    the process with SIGSEGV. Linux only (elsewhere the block runs as it is).
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(before)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        if libc.sigaltstack(ctypes.byref(before), None) != 0:  # e.g. too small for this CPU's state now
+            libc.sigaltstack(ctypes.byref(_SignalStack(None, _SS_DISABLE, 0)), None)
+
+
 class OpenVINOModel(nn.Module):
     """A Shared-RIS model compiled by OpenVINO, called like the model: (image, ids, pad) -> output.
+
+    The converted model, and the compiled one for this CPU, precision and thread count, are kept in
+    ``cache`` (:mod:`sharedris.conversions`) and read from it on later starts.
 
     Args:
         model: the Shared-RIS model on the CPU in eval mode, converted as it is (:class:`ModelRunner`
             hands it a copy in that state when the caller's model is not).
         precision: ``fp32`` or ``bf16``.
         threads: OpenVINO's inference threads; None = torch's thread count.
+        cache: where conversions are kept; None keeps nothing.
+
+    Attributes:
+        weights_sha256: :func:`weights_digest` of the model it was converted from.
+        source: how the compiled model was obtained: ``"converted"``, ``"converted model from cache"``
+            (compiled here) or ``"compiled model from cache"``.
     """
 
-    def __init__(self, model: nn.Module, precision: str, threads: int | None = None) -> None:
+    def __init__(self, model: nn.Module, precision: str, threads: int | None = None,
+                 cache: ConversionCache | None = None) -> None:
         super().__init__()
         try:
             import openvino
         except ImportError:
-            raise ImportError("runtime openvino needs the openvino package: pip install 'sharedris[openvino]'") from None
+            raise ImportError("runtime openvino needs the openvino package: pip install openvino") from None
         cfg = model.config
         self.config = cfg
-        # an example batch of 2 with padding in one row only, so neither is baked into the graph
-        S, L = cfg.image_size, cfg.text_len
-        pad = torch.zeros(2, L, dtype=torch.bool)
-        pad[1, L // 2:] = True
-        example = (torch.zeros(2, 3, S, S), torch.full((2, L), 5, dtype=torch.long), pad)
-        inputs = [("image", [-1, 3, S, S], openvino.Type.f32), ("text_ids", [-1, -1], openvino.Type.i64),
-                  ("text_padding_mask", [-1, -1], openvino.Type.boolean)]
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on shape checks it records as constants
-            converted = openvino.convert_model(model, example_input=example, input=inputs)
-        self.compiled = openvino.Core().compile_model(converted, "CPU", {
-            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
-            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()})
+        with _signal_stack_kept():
+            core = openvino.Core()
+            settings = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+                        "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+            self.weights_sha256 = weights_digest(model)
+            key = None if cache is None else digest("openvino", dataclasses.asdict(cfg), self.weights_sha256,
+                                                    _code_digest(), openvino.__version__, torch.__version__)
+            # a compiled model is specific to the CPU (its instruction set) and to its settings too
+            compiled_key = None if key is None else digest(key, settings, core.get_property("CPU", "FULL_DEVICE_NAME"),
+                                                           core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+            self.compiled = self._from_cache(cache, compiled_key,
+                                             lambda files: core.import_model(files["compiled.blob"], "CPU", settings),
+                                             "compiled model from cache")
+            if self.compiled is None:
+                converted = self._from_cache(cache, key,
+                                             lambda files: core.read_model(files["model.xml"], files["model.bin"]),
+                                             "converted model from cache")
+                if converted is None:
+                    converted = _convert(openvino, model)
+                    self.source = "converted"
+                    if cache is not None:
+                        cache.write(key, lambda folder: openvino.save_model(converted, folder / "model.xml",
+                                                                            compress_to_fp16=False))
+                self.compiled = core.compile_model(converted, "CPU", settings)
+                if cache is not None:
+                    blob = self.compiled.export_model().getvalue()
+                    cache.write(compiled_key, lambda folder: (folder / "compiled.blob").write_bytes(blob))
         self._requests = threading.local()
         # the outputs are the fields of SegmenterOutput that the model has, in order
         self.fields = ["mask_logits"] + [name for name, flag in (("presence_logits", cfg.decoder.presence_head),
                                                                  ("iou_pred", cfg.decoder.iou_head)) if flag]
+
+    def _from_cache(self, cache: ConversionCache | None, key: str | None, load: Callable[[dict[str, bytes]], Any],
+                    source: str) -> Any:
+        """``load(files)`` of the cache's entry ``key``; None when there is none or OpenVINO refuses it."""
+        files = None if cache is None else cache.read(key)
+        if files is None:
+            return None
+        try:
+            result = load(files)
+        except Exception:  # noqa: BLE001 - checked bytes that OpenVINO still refuses: build it again
+            cache.discard(key)
+            return None
+        # OpenVINO may keep pointing into the bytes it was given instead of copying them: they live
+        # as long as this model does
+        self._cached_bytes = files
+        self.source = source
+        return result
 
     def forward(self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> SegmenterOutput:
         """The model's output for a batch; tensors on the CPU, float32."""
@@ -149,14 +313,15 @@ class ModelRunner:
                  threads: int | None = None) -> None:
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
-        check_runtime(runtime, self.precision, self.device)
-        self.runtime = runtime
+        self.runtime = resolve_runtime(runtime, self.precision, self.device)
+        check_runtime(self.runtime, self.precision, self.device)
         self.config = model.config
-        target = torch.device("cpu") if runtime == "openvino" else self.device
+        target = torch.device("cpu") if self.runtime == "openvino" else self.device
         as_is = _same_device(model, target) and not model.training
         own = model if as_is else copy.deepcopy(model).to(target).eval()
-        if runtime == "openvino":
-            self.module, self.amp_dtype = OpenVINOModel(own, self.precision, threads), None
+        if self.runtime == "openvino":
+            self.module = OpenVINOModel(own, self.precision, threads, ConversionCache.default())
+            self.amp_dtype = None
         else:
             self.module, self.amp_dtype = prepare_model(own, self.precision, self.device, copy=as_is)
 

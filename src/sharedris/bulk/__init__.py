@@ -103,7 +103,7 @@ def _predictor(model: nn.Module | Predictor, device: torch.device | str, precisi
         return model, run_settings(model)
     predictor = Predictor(model, device=rank_device(device), precision=precision,
                           presence_threshold=presence_threshold, runtime=runtime)
-    return predictor, run_settings(predictor, model)
+    return predictor, run_settings(predictor)
 
 
 def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_dir: str | Path, *,
@@ -127,8 +127,7 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
 
     Args:
         model: a Shared-RIS model, or a :class:`~sharedris.predictor.Predictor` (then ``device``,
-            ``precision``, ``presence_threshold`` and ``runtime`` are its own; not an OpenVINO one,
-            whose weights cannot be read to identify the results).
+            ``precision``, ``presence_threshold`` and ``runtime`` are its own).
         manifest: a JSON Lines or CSV file, row mappings, or a :class:`Manifest`
             (see :func:`read_manifest`).
         out_dir: the output folder (created).
@@ -149,7 +148,7 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
     Raises:
         ManifestError: the manifest cannot be read at all.
         ResultsMismatch: the folder holds results of another model or other settings (and not ``fresh``).
-        ValueError: ``batch_size`` or ``lanes`` below 1, ``workers`` below 0, or an OpenVINO Predictor.
+        ValueError: ``batch_size`` or ``lanes`` below 1, or ``workers`` below 0.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")

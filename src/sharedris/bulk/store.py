@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sharedris.bulk.manifest import Manifest, Row
 from sharedris.checkpoint import atomic_write
@@ -65,29 +65,25 @@ class ResultsMismatch(ValueError):
 
 
 # ---------------------------------------------------------------- run.json: model and settings
-def run_settings(predictor: Predictor, model: nn.Module | None = None) -> dict[str, Any]:
+def run_settings(predictor: Predictor) -> dict[str, Any]:
     """What decides every answer besides the image and the expression, as ``run.json`` stores it.
 
     ``model_sha256`` covers the model's config, tokenizer file, vocabulary and weights. The weights
     are those that run: on PyTorch the predictor's module (the model at fp32, its bf16 or int8 copy
     otherwise, the same bytes for the same model and precision); an OpenVINO predictor runs a
-    compiled model whose weights cannot be read, so there ``model``, the module it was built from,
-    is read instead. Then ``precision`` (the concrete one), ``runtime`` and ``presence_threshold``.
-    The device, batch size, lanes and threads are left out: like two machines, they change results
-    only at the level of floating-point rounding.
-
-    Raises:
-        ValueError: an OpenVINO predictor without ``model``.
+    compiled model whose weights cannot be read, so there the digest of the weights it was
+    converted from counts instead. Then ``precision`` (the concrete one), ``runtime`` and
+    ``presence_threshold``. The device, batch size, lanes and threads are left out: like two
+    machines, they change results only at the level of floating-point rounding.
     """
-    module = predictor.runner.module if predictor.runtime == "torch" else model
-    if module is None:
-        raise ValueError("an OpenVINO Predictor does not expose the weights that identify its results; pass "
-                         "the model itself with runtime='openvino'")
+    module = predictor.runner.module
     digest = hashlib.sha256()
     vocabulary = None if predictor.vocabulary is None else sorted(predictor.vocabulary)
     digest.update(json.dumps([predictor.config.to_dict(), vocabulary], sort_keys=True).encode())
     digest.update(predictor.tokenizer.model_file.read_bytes())
-    for name, tensor in sorted(module.state_dict().items()):
+    if predictor.runtime == "openvino":
+        digest.update(module.weights_sha256.encode())
+    for name, tensor in sorted(module.state_dict().items() if predictor.runtime == "torch" else ()):
         digest.update(name.encode())
         _hash_tensor(digest, tensor)
     return {"model_sha256": digest.hexdigest(), "precision": predictor.precision, "runtime": predictor.runtime,

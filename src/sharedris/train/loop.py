@@ -360,11 +360,12 @@ def _settings_line(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, amp
 def _validate(run: _Run, epoch: int, step: int, best: float) -> float:
     """Evaluate on the val split on all ranks; rank 0 writes the metrics and keeps ``best/``.
 
-    Validation runs at the training precision: bf16 when training autocasts to bf16, else fp32.
+    Validation runs at the training precision (bf16 when training autocasts to bf16, else fp32), on
+    PyTorch: weights that change every epoch are not worth converting for another runtime.
     """
     cfg, info, model = run.cfg, run.info, run.model
     model.eval()  # in eval mode and on its device, an fp32 evaluation runs the model itself, not a copy
-    result = evaluate(model, run.val_source, run.tokenizer, device=info.device,
+    result = evaluate(model, run.val_source, run.tokenizer, device=info.device, runtime="torch",
                       precision="bf16" if run.amp_dtype == torch.bfloat16 else "fp32",
                       batch_size=max(1, cfg.batch_size // (info.world * cfg.grad_accum)))
     model.train()

@@ -1,0 +1,129 @@
+"""A disk cache of model conversions, so that only a model's first start pays for converting it.
+
+Converting a model for OpenVINO (tracing it with ``openvino.convert_model``) and compiling the
+result for the CPU take seconds; :mod:`sharedris.runtime` keeps both results here and reads them
+back on later starts.
+
+Where: ``$SHAREDRIS_HOME/conversions``, else ``~/.cache/sharedris/conversions`` (the folder where
+:mod:`sharedris.fetch` puts weights). ``SHAREDRIS_CONVERSION_CACHE=off`` keeps nothing.
+
+Each entry is a folder named by a key that covers everything that changes what it holds (the
+caller's business: :func:`digest` of the parts), with the entry's files and ``manifest.json``, the
+size and SHA-256 of each file. The rules that keep it from crashing or lying:
+
+- An entry is filled in a temporary folder beside the others and renamed into place in one step,
+  so no reader ever sees a partial entry. Of two processes filling the same entry, one rename wins
+  and the other discards its copy.
+- An entry is read whole into memory and checked against its manifest before anything uses it.
+  Nothing is memory-mapped: a process that removes or replaces an entry cannot pull memory from
+  under another process's running model.
+- A damaged entry (a file missing, cut short or changed, an unreadable manifest) is moved out of
+  the way and removed, and the caller builds it again.
+- A cache folder that cannot be written costs the time of converting again: one warning, and the
+  model runs from memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from sharedris.checkpoint import home_dir
+
+SWITCH = "SHAREDRIS_CONVERSION_CACHE"  # "off" (or 0, false, no): keep no conversions
+MANIFEST = "manifest.json"
+
+
+def digest(*parts: Any) -> str:
+    """SHA-256 (hex) of ``parts`` written as JSON (keys sorted): the key of an entry."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+class ConversionCache:
+    """Entries under ``root`` (see the module's docstring for the rules).
+
+    Args:
+        root: the cache folder; created when the first entry is written.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._warned = False
+
+    @classmethod
+    def default(cls) -> ConversionCache | None:
+        """The user's cache (``<home>/conversions``), or None when ``SHAREDRIS_CONVERSION_CACHE`` is off."""
+        if os.environ.get(SWITCH, "").strip().lower() in {"off", "0", "false", "no"}:
+            return None
+        return cls(home_dir() / "conversions")
+
+    def read(self, key: str) -> dict[str, bytes] | None:
+        """The files of entry ``key`` (name -> bytes), checked against its manifest; None when the
+        entry is missing or damaged (a damaged entry is removed)."""
+        folder = self.root / key
+        if not folder.is_dir():
+            return None
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            files = {name: (folder / name).read_bytes() for name in manifest}
+            if all(len(files[name]) == rec["size"] and hashlib.sha256(files[name]).hexdigest() == rec["sha256"]
+                   for name, rec in manifest.items()):
+                return files
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass
+        self.discard(key)
+        return None
+
+    def write(self, key: str, fill: Callable[[Path], None]) -> bool:
+        """Fill entry ``key``: ``fill(folder)`` writes the entry's files into an empty temporary
+        folder, which then becomes the entry in one rename. Returns whether the entry is in place
+        (another process's copy counts); a folder that cannot be written warns once and returns False.
+        """
+        tmp: Path | None = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=self.root))
+            fill(tmp)
+            manifest = {p.name: _file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            for p in tmp.iterdir():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            try:
+                os.rename(tmp, self.root / key)  # fails when the entry exists: another writer won
+                tmp = None
+            except OSError:
+                if not (self.root / key).is_dir():
+                    raise
+            return True
+        except OSError as e:
+            if not self._warned:
+                warnings.warn(f"cannot keep converted models in {self.root} ({e.strerror or e}); "
+                              f"each start will convert again", stacklevel=3)
+                self._warned = True
+            return False
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def discard(self, key: str) -> None:
+        """Remove entry ``key`` if present: renamed away first, so readers see it whole or not at all."""
+        folder = self.root / key
+        trash = self.root / f".{key[:16]}.{uuid.uuid4().hex}.trash"
+        try:
+            os.rename(folder, trash)
+        except OSError:
+            return  # gone already, or another process is removing it
+        shutil.rmtree(trash, ignore_errors=True)
