@@ -15,27 +15,15 @@ is kept in the user's conversion cache, as at any start.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
-import torch
 
-from sharedris.benchmark import cpu_description, median_seconds
+from sharedris.benchmark import cpu_description, median_seconds, registered_model_from_args
 from sharedris.modeling.pretrained import load_pretrained
-from sharedris.modeling.registry import build_model
 from sharedris.predictor import Predictor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a registered model name, e.g. sharedris_base")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = build_model(args.model).eval()
+    args, model = registered_model_from_args(__doc__.split("\n\n")[0])
     tokenizer = load_pretrained("default").tokenizer_file
     image = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
     text = "the man on the left in a blue shirt"

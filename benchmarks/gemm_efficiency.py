@@ -13,26 +13,15 @@ speed of its matrix products (1.0 = nothing else costs time).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sharedris.benchmark import count_flops, cpu_description, median_seconds
-from sharedris.modeling.registry import build_model
+from sharedris.benchmark import count_flops, cpu_description, median_seconds, registered_model_from_args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a registered model name, e.g. sharedris_base")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = build_model(args.model).eval()
+    args, model = registered_model_from_args(__doc__.split("\n\n")[0])
     size, length = model.config.image_size, min(20, model.config.text_len)
     image = torch.randn(1, 3, size, size)
     ids = torch.randint(5, model.config.encoder.vocab_size, (1, length))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import tempfile
@@ -70,6 +71,22 @@ def bench_encoder(sizes: list[int], runs: int = 5, text_len: int = 20, batch: in
             row["speedup"] = row["reference_s"] / row["ours_s"]
         rows.append(row)
     return rows
+
+
+def registered_model_from_args(description: str) -> tuple[argparse.Namespace, torch.nn.Module]:
+    """The command line of a benchmark script that times one registered model: its name, ``--threads``
+    and ``--runs``; sets torch's thread count and builds the model with random weights (seed 0), in
+    eval mode."""
+    from sharedris.modeling.registry import build_model
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("model", help="a registered model name, e.g. sharedris_base")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return args, build_model(args.model).eval()
 
 
 def _sdpa_flops(q: tuple[int, ...], k: tuple[int, ...], v: tuple[int, ...], *args: object, **kwargs: object) -> int:
