@@ -152,7 +152,6 @@ def _code_digest() -> str:
     return digest(*(hashlib.sha256(f.read_bytes()).hexdigest() for f in files))
 
 
-
 class _SignalStack(ctypes.Structure):
     """``stack_t`` of sigaltstack(2) on Linux."""
 
@@ -166,11 +165,11 @@ _SS_DISABLE = 2
 def _signal_stack_kept() -> Iterator[None]:
     """Give this thread back, after the block, the alternate signal stack it had before it.
 
-    OpenVINO's CPU plugin, when it imports a compiled model, leaves the calling thread on an
+    OpenVINO's CPU plugin, when it compiles or imports a model, leaves the calling thread on an
     alternate signal stack that it frees together with the model. The thread keeps pointing at the
-    freed memory, and the next signal it handles (a child process ending under a ``SIGCHLD``
-    handler, as PyTorch's DataLoader installs; Ctrl-C) finds no stack to run on: the kernel kills
-    the process with SIGSEGV. Linux only (elsewhere the block runs as it is).
+    freed memory, and the next signal it handles (e.g. a child process ending under the ``SIGCHLD``
+    handler that PyTorch's DataLoader installs) is written there: where that memory is unmapped,
+    the kernel kills the process with SIGSEGV. Linux only (elsewhere the block runs as it is).
     """
     if not sys.platform.startswith("linux"):
         yield
