@@ -202,6 +202,25 @@ def test_models_read_from_the_cache_outlive_their_entry_being_cut_short(tmp_path
     assert run.stdout.split("\n")[:2] == ["compiled model from cache, converted model from cache", "True"]
 
 
+def test_models_from_the_cache_keep_no_hold_on_the_bytes_read(cached, monkeypatch):
+    # the model is built from bytes read whole from the entry and then dropped: OpenVINO must have
+    # copied what it needs, so scribbling over those bytes afterwards changes nothing
+    model, cache, batch = cached
+    OpenVINOModel(model, "fp32", threads=1, cache=cache)  # fills both entries
+    read, given = cache.read, []
+    monkeypatch.setattr(cache, "read", lambda key: given.append(read(key)) or given[-1])
+    with torch.no_grad():
+        want = model(*batch)
+    for precision in ("fp32", "bf16"):  # the compiled model, then the converted one compiled here
+        built = OpenVINOModel(model, precision, threads=1, cache=cache)
+        first = built(*batch).mask_logits
+        for files in filter(None, given):
+            for data in files.values():
+                ctypes.memset(ctypes.c_char_p(data), 0x7F, len(data))
+        assert torch.equal(built(*batch).mask_logits, first)
+    assert torch.allclose(first, want.mask_logits, atol=0.1)  # bf16, from the converted model
+
+
 def _signal_stack() -> tuple[int | None, int, int]:
     """This thread's alternate signal stack: (address, flags, size), from sigaltstack(2)."""
     stack = (ctypes.c_void_p * 3)()  # stack_t on x86-64 and aarch64 Linux: pointer, int (padded), size_t

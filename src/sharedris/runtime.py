@@ -257,10 +257,7 @@ class OpenVINOModel(nn.Module):
         except Exception:  # noqa: BLE001 - checked bytes that OpenVINO still refuses: build it again
             cache.discard(key)
             return None
-        # OpenVINO may keep pointing into the bytes it was given instead of copying them: they live
-        # as long as this model does
-        self._cached_bytes = files
-        self.source = source
+        self.source = source  # OpenVINO copies what it reads: the bytes can go (tests/test_conversions.py)
         return result
 
     def forward(self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> SegmenterOutput:
