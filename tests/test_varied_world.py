@@ -155,6 +155,36 @@ def test_training_takes_the_varied_world_by_default_and_refuses_an_unknown_one()
         SyntheticRefScenes("train", length=2, no_target_phrasings=["multi_target"])  # flat world: not allowed
 
 
+def _circle_aspects(source: SyntheticRefScenes) -> list[float]:
+    """Width over height of every circle's polygon: 1 unless the scene was stretched."""
+    aspects = []
+    for sample in source:
+        for o in sample["objects"]:
+            if o["shape"] == "circle":
+                xy = np.asarray(o["polygon"]).reshape(-1, 2)
+                w, h = xy.max(0) - xy.min(0)
+                aspects.append(float(w / h))
+    return aspects
+
+
+def test_a_training_recipe_sets_how_often_and_how_far_scenes_are_stretched() -> None:
+    def train_source(stretch: tuple[float, float]) -> SyntheticRefScenes:
+        return build_source(DataConfig(synthetic_train_size=150, synthetic_image_size=SIZE, synthetic_stretch=stretch,
+                                       synthetic_train_families=("colour_shape",)), "train", train=True)
+
+    never, always = _circle_aspects(train_source((0.0, 3.0))), _circle_aspects(train_source((1.0, 3.0)))
+    assert len(never) >= 40 and len(always) >= 40
+    assert all(abs(a - 1) < 0.02 for a in never)
+    assert sum(abs(a - 1) > 0.05 for a in always) > 0.9 * len(always)
+    assert max(max(a, 1 / a) for a in always) > 2.5 and all(1 / 3.05 < a < 3.05 for a in always)
+    # evaluation splits keep the world's own stretch whatever the recipe says
+    cfg = DataConfig(synthetic_eval_size=6, synthetic_stretch=(1.0, 3.0))
+    stretched, own = build_source(cfg, "val", train=False), build_source(DataConfig(synthetic_eval_size=6), "val", train=False)
+    assert all(np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) for a, b in zip(stretched, own))
+    with pytest.raises(ValueError, match="synthetic_stretch"):
+        DataConfig(synthetic_stretch=(0.5, 0.8))
+
+
 def _probe_module() -> Any:
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "shortcut_probe.py"
     import sys

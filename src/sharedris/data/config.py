@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from sharedris.data.heldout import VARIANTS
 from sharedris.data.synthetic import FAMILIES, WORLDS
+from sharedris.data.synthetic.compose import STRETCH
 
 RENDERERS = ("generator", "heldout")
 
@@ -35,6 +36,10 @@ class DataConfig:
     # How scenes are made (sharedris.data.synthetic.WORLDS): "varied" (independent and constructed
     # layouts, many renderings; ``synthetic_styles`` does not apply) or "flat" (the first recipes').
     synthetic_world: str = "varied"
+    # Training scenes of the varied world only: the share of scenes whose shapes are stretched as
+    # those of a squashed non-square picture, and the widest such picture's aspect (evaluation
+    # splits always draw the world's own, sharedris.data.synthetic.compose.STRETCH).
+    synthetic_stretch: tuple[float, float] = STRETCH
     synthetic_fresh_epochs: bool = False  # each epoch new training scenes (e*N..e*N+N-1) instead of the same N
     seed: int = 0
     # Training scenes only: their seed, so that a later stage can see scenes no earlier one saw
@@ -56,3 +61,7 @@ class DataConfig:
         if self.synthetic_heldout_variant not in VARIANTS:
             raise ValueError(f"synthetic_heldout_variant={self.synthetic_heldout_variant!r}: choose one of "
                              f"{', '.join(VARIANTS)}")
+        share, widest = self.synthetic_stretch
+        if not (0 <= share <= 1 and widest >= 1):
+            raise ValueError(f"synthetic_stretch={list(self.synthetic_stretch)}: give [share of scenes in 0..1, "
+                             "widest aspect >= 1]")

@@ -20,6 +20,7 @@ def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
     """The generator's scenes of ``split``, or (``synthetic_renderer="heldout"``, never for training)
     the held-out renderer's variant ``synthetic_heldout_variant``, which has no splits."""
     from sharedris.data.synthetic import FAMILIES, GENERAL_FAMILIES, MULTI_TARGET, SyntheticRefScenes
+    from sharedris.data.synthetic.compose import STRETCH
 
     if cfg.synthetic_renderer == "heldout":
         if train:
@@ -41,6 +42,7 @@ def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
         no_target_phrasings=cfg.synthetic_no_target_phrasings if train else
         FAMILIES + ((MULTI_TARGET,) if cfg.synthetic_world == "varied" else ()),
         world=cfg.synthetic_world,
+        stretch=cfg.synthetic_stretch if train else STRETCH,
     )
 
 

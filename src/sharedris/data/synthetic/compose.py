@@ -32,8 +32,9 @@ from sharedris.data.synthetic import phrases
 
 INDEPENDENT_SHARE = 0.5  # target scenes of independently drawn objects; the rest are constructed hard cases
 UNNAMED_SHARE = 0.12  # chance that an independently drawn object has a shape no expression names
-STRETCH_SHARE = 0.35  # scenes stretched as a squashed non-square picture is
-MAX_ASPECT = 2.5  # the widest such picture: 2.5:1 or 1:2.5
+# Scenes stretched as a squashed non-square picture is: their share, and the widest such picture
+# (2.5:1 or 1:2.5). Evaluation splits always draw this; a training recipe may draw another.
+STRETCH = (0.35, 2.5)
 UNKNOWN_SHARE = 0.25  # "nothing matches" scenes whose expression has a word from outside the world
 MADE_UP_SHARE = 0.4  # of those, a made-up word rather than a real one
 _TRIES = 200
@@ -53,11 +54,13 @@ _CONSONANTS, _VOWELS = "bdfgklmnprstvwz", "aeiou"
 Option = tuple[list[int], int | None, Sequence[str], dict[str, str]]  # targets, anchor, templates, words
 
 
-def draw_stretch(rng: np.random.Generator) -> tuple[float, float]:
-    """(x, y) scale of every shape: (1, 1), or that of a picture of aspect up to ``MAX_ASPECT`` squashed square."""
-    if rng.random() >= STRETCH_SHARE:
+def draw_stretch(rng: np.random.Generator, stretch: tuple[float, float] = STRETCH) -> tuple[float, float]:
+    """(x, y) scale of every shape: (1, 1), or, for a share ``stretch[0]`` of scenes, that of a
+    picture of aspect up to ``stretch[1]`` (log-uniform, either way round) squashed square."""
+    share, widest = stretch
+    if rng.random() >= share:
         return (1.0, 1.0)
-    aspect = math.exp(rng.uniform(-math.log(MAX_ASPECT), math.log(MAX_ASPECT)))
+    aspect = math.exp(rng.uniform(-math.log(widest), math.log(widest)))
     return (math.sqrt(aspect), 1.0 / math.sqrt(aspect))
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from sharedris.data.sample import RefSample
 from sharedris.data.synthetic.families import FAMILIES, GENERAL_FAMILIES, MULTI_TARGET, NO_TARGET
 from sharedris.data.synthetic.families import vocabulary as expression_words
+from sharedris.data.synthetic.compose import STRETCH
 from sharedris.data.synthetic.geometry import COLOURS, SHAPES
 from sharedris.data.synthetic.geometry import UNNAMED_SHAPES
 from sharedris.data.synthetic.paint import BACKGROUNDS, paint
@@ -119,7 +120,9 @@ class SyntheticRefScenes:
     (:mod:`~sharedris.data.synthetic.compose` and :mod:`~sharedris.data.synthetic.paint`: 1-10
     objects, independent or constructed, unnamed shapes, "nothing matches" scenes drawn exactly like
     target scenes, many backgrounds and renderings; ``styles`` does not apply, and
-    ``no_target_phrasings`` may also name ``multi_target``).
+    ``no_target_phrasings`` may also name ``multi_target``). In the varied world, ``stretch`` is
+    (share of scenes, widest aspect) stretched as a squashed non-square picture is; evaluation
+    splits keep the world's own, ``STRETCH``.
 
     ``vocabulary`` is every word an expression of ``families`` can contain (on the class: of every
     family) and ``description`` says what the scenes are: a model trained on them knows nothing else.
@@ -143,6 +146,7 @@ class SyntheticRefScenes:
         styles: Sequence[str] = ("texture",),
         no_target_phrasings: Sequence[str] = FAMILIES,
         world: str = "flat",
+        stretch: tuple[float, float] = STRETCH,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
@@ -158,6 +162,8 @@ class SyntheticRefScenes:
                              f"got {list(no_target_phrasings)}")
         if not styles or not set(styles) <= set(STYLES):
             raise ValueError(f"styles must be a non-empty list of names from {STYLES}, got {list(styles)}")
+        if not (0 <= stretch[0] <= 1 and stretch[1] >= 1):
+            raise ValueError(f"stretch must be (share of scenes in [0, 1], widest aspect >= 1), got {tuple(stretch)}")
         if size < 64:
             raise ValueError(f"size must be >= 64 to fit the objects, got {size}")
         if length < 0 or seed < 0:
@@ -170,6 +176,7 @@ class SyntheticRefScenes:
         self.styles = tuple(styles)
         self.no_target_phrasings = tuple(no_target_phrasings)
         self.world = world
+        self.stretch = (float(stretch[0]), float(stretch[1]))
         self.vocabulary = expression_words(self.families)
         self.description = _description(self.styles, world)
         self._first = 0  # scene number of sample 0
@@ -195,7 +202,7 @@ class SyntheticRefScenes:
             family = self.families[number % len(self.families)]
         else:
             family = self.families[int(rng.integers(len(self.families)))]
-        return lay_out(rng, family, self.size, self.no_target_phrasings, self.world), rng
+        return lay_out(rng, family, self.size, self.no_target_phrasings, self.world, self.stretch), rng
 
     def __getitem__(self, index: int) -> SyntheticSample:
         index = operator.index(index)

@@ -54,7 +54,8 @@ class Scene:
 
 
 def lay_out(
-    rng: np.random.Generator, family: str, size: int, phrasings: Sequence[str] = FAMILIES, world: str = "flat"
+    rng: np.random.Generator, family: str, size: int, phrasings: Sequence[str] = FAMILIES, world: str = "flat",
+    stretch: tuple[float, float] = compose.STRETCH,
 ) -> Scene:
     """Lay out a ``size`` x ``size`` scene of ``family`` in ``world`` (``WORLDS``).
 
@@ -66,14 +67,15 @@ def lay_out(
 
     Varied world (:mod:`~sharedris.data.synthetic.compose`): a ``no_target`` scene is a target
     scene of a family drawn from ``phrasings``, unchanged, with an expression that refers to
-    nothing in it.
+    nothing in it. ``stretch`` (share of scenes, widest aspect) is how often and how far its shapes
+    are stretched as those of a squashed non-square picture (:func:`compose.draw_stretch`).
     """
     if world == "varied":
-        stretch = compose.draw_stretch(rng)
+        scale = compose.draw_stretch(rng, stretch)
         if family != NO_TARGET:
-            return Scene(family, *compose.target_scene(rng, family, size, stretch), family)
+            return Scene(family, *compose.target_scene(rng, family, size, scale), family)
         told = phrasings[int(rng.integers(len(phrasings)))]
-        objs, labels, _, _, texts = compose.target_scene(rng, told, size, stretch)
+        objs, labels, _, _, texts = compose.target_scene(rng, told, size, scale)
         return Scene(NO_TARGET, objs, labels, [], None, compose.absent_texts(rng, told, objs, texts), told)
     if family != NO_TARGET:
         return _resolved(rng, family, size)
