@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from _tiny_model import save_tiny_model, scene
 
 from sharedris import Predictor, load_pretrained, runtime
-from sharedris.conversions import MANIFEST, SWITCH, ConversionCache
+from sharedris.conversions import LIMIT, MANIFEST, SWITCH, ConversionCache
 from sharedris.runtime import OpenVINOModel, resolve_runtime
 
 
@@ -117,6 +118,45 @@ def test_the_switch_turns_the_cache_off(monkeypatch, tmp_path):
     for value in ("off", "0", "false"):
         monkeypatch.setenv(SWITCH, value)
         assert ConversionCache.default() is None
+
+
+def _last_used(root, key, seconds_ago):
+    stamp = time.time() - seconds_ago
+    os.utime(root / key / MANIFEST, (stamp, stamp))
+
+
+def test_the_size_limit_removes_the_entries_used_longest_ago(tmp_path):
+    cache = ConversionCache(tmp_path, max_bytes=250)
+    for age, key in ((300, "a"), (200, "b")):
+        assert cache.write(key, _fill(bytes(100)))
+        _last_used(tmp_path, key, age)
+    assert cache.read("a") is not None  # reading marks "a" used now: "b" is the one used longest ago
+    assert cache.write("c", _fill(bytes(100)))  # 300 bytes > 250: one entry must go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c"]
+    assert cache.write("big", _fill(bytes(400)))  # alone over the limit: the new entry still stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"] and cache.read("big") == {"data.bin": bytes(400)}
+
+
+def test_pruning_removes_only_temporary_folders_of_dead_processes(tmp_path):
+    cache = ConversionCache(tmp_path)
+    old, fresh = tmp_path / ".0123.abc.tmp", tmp_path / ".4567.def.tmp"
+    for folder, age in ((old, 2 * 3600), (fresh, 10)):
+        folder.mkdir()
+        (folder / "part.bin").write_bytes(b"x")
+        os.utime(folder, (time.time() - age, time.time() - age))
+    assert cache.write("k", _fill(b"data"))
+    assert _leftovers(tmp_path) == [fresh.name]  # a writer may still be filling that one
+
+
+def test_the_size_limit_comes_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(LIMIT, "0.5")
+    assert ConversionCache(tmp_path).max_bytes == 500_000_000
+    monkeypatch.delenv(LIMIT)
+    assert ConversionCache(tmp_path).max_bytes == 8_000_000_000
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv(LIMIT, bad)
+        with pytest.raises(ValueError, match=f"{LIMIT}=.*size limit in GB"):
+            ConversionCache(tmp_path)
 
 
 # ------------------------------------------------------------------------- OpenVINO through the cache

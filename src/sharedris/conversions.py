@@ -21,6 +21,10 @@ size and SHA-256 of each file. The rules that keep it from crashing or lying:
   the way and removed, and the caller builds it again.
 - A cache folder that cannot be written costs the time of converting again: one warning, and the
   model runs from memory.
+- The cache stays under a size limit (``SHAREDRIS_CONVERSION_CACHE_GB``, default 8): after an
+  entry is written, the entries used longest ago are removed until the rest fit (the new entry
+  always stays). Reading an entry marks it used. Temporary folders left by a killed process are
+  removed once they are an hour old.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -39,6 +44,9 @@ from sharedris.checkpoint import home_dir
 
 SWITCH = "SHAREDRIS_CONVERSION_CACHE"  # "off" (or 0, false, no): keep no conversions
 MANIFEST = "manifest.json"
+LIMIT = "SHAREDRIS_CONVERSION_CACHE_GB"  # size limit of the whole cache, in GB
+DEFAULT_LIMIT_GB = 8.0
+STALE_SECONDS = 3600  # a temporary folder this old belongs to a process that died
 
 
 def digest(*parts: Any) -> str:
@@ -56,10 +64,13 @@ class ConversionCache:
 
     Args:
         root: the cache folder; created when the first entry is written.
+        max_bytes: size limit of all entries together; None: ``SHAREDRIS_CONVERSION_CACHE_GB``
+            GB, else 8 GB.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, max_bytes: int | None = None) -> None:
         self.root = Path(root)
+        self.max_bytes = _limit_from_env() if max_bytes is None else max_bytes
         self._warned = False
 
     @classmethod
@@ -80,6 +91,7 @@ class ConversionCache:
             files = {name: (folder / name).read_bytes() for name in manifest}
             if all(len(files[name]) == rec["size"] and hashlib.sha256(files[name]).hexdigest() == rec["sha256"]
                    for name, rec in manifest.items()):
+                _mark_used(folder)
                 return files
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             pass
@@ -107,6 +119,7 @@ class ConversionCache:
             except OSError:
                 if not (self.root / key).is_dir():
                     raise
+            self._prune(keep=key)
             return True
         except OSError as e:
             if not self._warned:
@@ -127,3 +140,45 @@ class ConversionCache:
         except OSError:
             return  # gone already, or another process is removing it
         shutil.rmtree(trash, ignore_errors=True)
+
+    def _prune(self, keep: str) -> None:
+        """Remove the entries used longest ago (never ``keep``) until the rest fit in ``max_bytes``,
+        and temporary folders left by processes that died."""
+        entries, now = [], time.time()
+        for folder in self.root.iterdir():
+            try:
+                if folder.name.startswith("."):  # a temporary or trash folder
+                    if now - folder.stat().st_mtime > STALE_SECONDS:
+                        shutil.rmtree(folder, ignore_errors=True)
+                    continue
+                manifest = folder / MANIFEST
+                size = sum(rec["size"] for rec in json.loads(manifest.read_text()).values())
+                entries.append((manifest.stat().st_mtime, size, folder.name))
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                continue  # being written, removed or damaged: read() deals with it
+        total = sum(size for _, size, _ in entries)
+        for _, size, key in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if key != keep:
+                self.discard(key)
+                total -= size
+
+
+def _mark_used(folder: Path) -> None:
+    """Mark an entry as just used (its manifest's time), which decides what the size limit removes first."""
+    try:
+        os.utime(folder / MANIFEST)
+    except OSError:
+        pass  # a read-only cache: it is never written to, so never pruned either
+
+
+def _limit_from_env() -> int:
+    value = os.environ.get(LIMIT, "").strip()
+    try:
+        gigabytes = float(value) if value else DEFAULT_LIMIT_GB
+    except ValueError:
+        gigabytes = -1.0
+    if not gigabytes >= 0:
+        raise ValueError(f"{LIMIT}={value!r}: give the conversion cache's size limit in GB, e.g. {DEFAULT_LIMIT_GB:g}")
+    return int(gigabytes * 1e9)
