@@ -141,7 +141,7 @@ def weights_digest(model: nn.Module) -> str:
     for name, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     return h.hexdigest()
 
 
