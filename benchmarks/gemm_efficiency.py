@@ -9,6 +9,9 @@ the linear layers alone are then those same products (``F.linear`` with the laye
 the recorded inputs, one after another). Both are timed in turn, median of ``--runs`` after a
 warm-up, and the script prints both rates and their ratio: how close the whole model runs to the
 speed of its matrix products (1.0 = nothing else costs time).
+
+Memory is set up as the library's CPU runner sets it (:func:`sharedris.devices.keep_freed_memory`);
+``SHAREDRIS_MALLOC_TUNING=off`` measures with the C library's defaults instead.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharedris.benchmark import count_flops, cpu_description, median_seconds, registered_model_from_args
+from sharedris.devices import keep_freed_memory
 
 
 def main() -> None:
     args, model = registered_model_from_args(__doc__.split("\n\n")[0])
+    tuned = keep_freed_memory()
     size, length = model.config.image_size, min(20, model.config.text_len)
     image = torch.randn(1, 3, size, size)
     ids = torch.randint(5, model.config.encoder.vocab_size, (1, length))
@@ -50,7 +55,7 @@ def main() -> None:
     linear_rate = linear_flops / times["linear"] / 1e9
     print(cpu_description())
     print(f"{args.model} at {size} px, batch 1, {length} text tokens, fp32, {args.threads} threads, "
-          f"eager PyTorch, median of {args.runs}")
+          f"eager PyTorch, median of {args.runs}; malloc {'set to reuse freed memory' if tuned else 'as the C library sets it'}")
     print(f"  whole forward pass: {whole_flops / 1e9:8.1f} GFLOP in {times['whole'] * 1e3:8.1f} ms = {whole_rate:6.1f} GFLOP/s")
     print(f"  its {len(calls)} linear layers alone: {linear_flops / 1e9:8.1f} GFLOP in {times['linear'] * 1e3:8.1f} ms "
           f"= {linear_rate:6.1f} GFLOP/s")

@@ -1,4 +1,5 @@
-"""Turning a user's device string ("cpu", "cuda", "cuda:1") into a ``torch.device``, checked up front.
+"""Turning a user's device string ("cpu", "cuda", "cuda:1") into a ``torch.device``, checked up front,
+and setting up the process for running models on the CPU.
 
 Every command that takes ``--device`` goes through :func:`resolve_device`, so a typo or a GPU that
 is not there is one sentence before any model is loaded, not a traceback from deep inside torch.
@@ -6,9 +7,19 @@ is not there is one sentence before any model is loaded, not a traceback from de
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import sys
+
 import torch
 
 DEVICE_HELP = "cpu, cuda or cuda:N"
+MALLOC_SWITCH = "SHAREDRIS_MALLOC_TUNING"  # "off" (or 0, false, no): leave the C library's malloc as it is
+# glibc's mallopt() parameters (malloc.h) and the values set: the largest mmap threshold glibc
+# accepts on 64-bit systems (32 MiB), and a trim threshold far above any activation's size.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30
 
 
 class DeviceError(ValueError):
@@ -37,3 +48,30 @@ def resolve_device(text: str | torch.device) -> torch.device:
             raise DeviceError(f"device {str(text)!r} does not exist: this machine has {count} CUDA "
                               f"device(s), cuda:0 to cuda:{count - 1}")
     return device
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let the C library's malloc keep freed memory for reuse; called before a model runs on the CPU.
+
+    PyTorch's CPU tensors come from ``malloc``. glibc's defaults serve large blocks from fresh
+    ``mmap`` regions and hand freed memory back to the kernel, so the activations of every forward
+    pass land on new pages, each mapped by a page fault on first write. This sets glibc's mmap
+    threshold to 32 MiB (its maximum) and its trim threshold to 1 GiB, so blocks up to 32 MiB are
+    reused from the heap instead (`sharedris_base`'s fp32 pass at 480 px: about 9,200 page faults
+    per pass before, about 700 after; docs/benchmarks.md has the times). The process then keeps
+    its peak heap until it exits, as PyTorch's GPU caching allocator does.
+
+    Process-wide, once. Linux with glibc only; elsewhere, or with ``SHAREDRIS_MALLOC_TUNING=off``,
+    it does nothing. Returns whether it applied.
+    """
+    if os.environ.get(MALLOC_SWITCH, "").strip().lower() in {"off", "0", "false", "no"}:
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))

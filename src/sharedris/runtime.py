@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from sharedris import modeling
 from sharedris.conversions import ConversionCache, digest
+from sharedris.devices import keep_freed_memory
 from sharedris.modeling.segmenter import SegmenterOutput
 from sharedris.precision import autocast_context, prepare_model, resolve_precision
 
@@ -319,6 +320,8 @@ class ModelRunner:
             self.module = OpenVINOModel(own, self.precision, threads, ConversionCache.default())
             self.amp_dtype = None
         else:
+            if self.device.type == "cpu":
+                keep_freed_memory()
             self.module, self.amp_dtype = prepare_model(own, self.precision, self.device, copy=as_is)
 
     @torch.inference_mode()

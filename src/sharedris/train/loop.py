@@ -20,6 +20,7 @@ from sharedris.checkpoint import atomic_write, load_resume_state, save_resume_st
 from sharedris.config import to_dict
 from sharedris.data.datasets import RISSamples, collate
 from sharedris.data.registry import build_source
+from sharedris.devices import keep_freed_memory
 from sharedris.evaluate import evaluate
 from sharedris.losses import referring_loss
 from sharedris.modeling.pretrained import PretrainedError, read_checkpoint, resolve_tokenizer, save_pretrained
@@ -212,6 +213,8 @@ def _setup(cfg: TrainConfig, info: DistInfo, resuming: bool) -> _Run:
     if cfg.init_from is not None and not resuming:  # a resumed run takes its weights from the resume file
         _init_from(model, cfg)
     _select_trainable(model, cfg.train_only)
+    if info.device.type == "cpu":
+        keep_freed_memory()
     model.to(info.device)
     model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     tokenizer_file = resolve_tokenizer(mcfg, cfg.tokenizer)
