@@ -26,7 +26,7 @@ ALLOWED = {
     "losses": {"modeling"},  # one loss term per field of the model's output type
     "precision": set(),
     "conversions": {"checkpoint"},  # the disk cache of converted models
-    "runtime": {"modeling", "precision", "conversions"},  # the one place that sets up a model for inference
+    "runtime": {"modeling", "precision", "conversions", "devices"},  # the one place that sets up a model for inference
 }
 INFERENCE = {"bulk", "predictor", "serve", "cli"}  # the doors that run a trained model
 
