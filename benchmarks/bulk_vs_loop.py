@@ -46,16 +46,17 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, default=None,
                         help="bulk: batches in the model at once (default: as predict_manifest picks)")
     parser.add_argument("--precision", default="auto", help="both ways (auto: as `sharedris predict` picks)")
+    parser.add_argument("--runtime", default="auto", help="both ways (auto: as `sharedris predict` picks)")
     parser.add_argument("--repeats", type=int, default=2, help="turns each way, each over all the pairs")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     texts = TEXTS[:args.texts]
     width, height = (int(v) for v in args.size.lower().split("x"))
-    predictor = Predictor(load_pretrained(args.model), precision=args.precision)
+    predictor = Predictor(load_pretrained(args.model), precision=args.precision, runtime=args.runtime)
     # as predict_manifest picks
     workers = default_workers(predictor.device) if args.workers is None else args.workers
-    lanes = default_lanes(predictor.device, predictor.runtime) if args.lanes is None else args.lanes
+    lanes = default_lanes(predictor.device) if args.lanes is None else args.lanes
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         scenes = SyntheticRefScenes("test", size=max(width, height), length=args.images, seed=0)
@@ -88,7 +89,7 @@ def main() -> None:
         loop, bulk = (pairs * args.repeats / seconds[way] for way in ("loop", "bulk"))
 
     print(f"model {args.model}, {args.images} images of {width}x{height} PNG x {len(texts)} expressions = "
-          f"{pairs} pairs, {args.threads} torch threads, precision {predictor.precision}")
+          f"{pairs} pairs, {args.threads} torch threads, precision {predictor.precision}, runtime {predictor.runtime}")
     print(f"  loop of Predictor.predict:              {loop:7.1f} pairs/s")
     print(f"  predict_manifest ({workers} workers, {lanes} lanes, batch {args.batch_size}): {bulk:7.1f} pairs/s")
     print(f"  ratio: x{bulk / loop:.2f}")

@@ -525,13 +525,10 @@ def test_default_workers_use_only_cores_the_model_leaves_free(monkeypatch, cores
     assert default_workers(torch.device(device)) == expected
 
 
-@pytest.mark.parametrize("threads, device, runtime, expected", [
-    (2, "cpu", "torch", 2), (16, "cpu", "torch", 2), (1, "cpu", "torch", 1), (8, "cuda", "torch", 1),
-    (2, "cpu", "openvino", 1),  # OpenVINO schedules its own threads
-])
-def test_default_lanes(monkeypatch, threads, device, runtime, expected):
+@pytest.mark.parametrize("threads, device, expected", [(2, "cpu", 2), (16, "cpu", 2), (1, "cpu", 1), (8, "cuda", 1)])
+def test_default_lanes(monkeypatch, threads, device, expected):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert default_lanes(torch.device(device), runtime) == expected
+    assert default_lanes(torch.device(device)) == expected
 
 
 def test_lanes_write_the_same_lines_in_the_same_order_and_give_back_the_threads(tmp_path, fp32, monkeypatch):

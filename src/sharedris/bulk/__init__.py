@@ -159,7 +159,7 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
     manifest = read_manifest(manifest)
     predictor, settings = _predictor(model, device, precision, presence_threshold, runtime)
     workers = default_workers(predictor.device) if workers is None else workers
-    lanes = default_lanes(predictor.device, predictor.runtime) if lanes is None else lanes
+    lanes = default_lanes(predictor.device) if lanes is None else lanes
     rank, world = rank_world()
     return run_manifest(predictor, settings, manifest, Path(out_dir), rank=rank, world=world, batch_size=batch_size,
                         workers=workers, lanes=lanes, save_png=save_png, show_progress=show_progress, fresh=fresh)

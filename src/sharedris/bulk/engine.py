@@ -291,15 +291,15 @@ def _record(row: Row, k: int, sha256: str, pred: Prediction, n: int) -> dict[str
             "width": int(width), **answer_record(row.texts[k], pred, n)}
 
 
-def default_lanes(device: torch.device, runtime: str = "torch") -> int:
-    """Batches in the model at once: 2 for PyTorch on a CPU where it runs 2 threads or more, else 1.
+def default_lanes(device: torch.device) -> int:
+    """Batches in the model at once: 2 on a CPU where torch runs 2 threads or more, else 1.
 
     A small model's operators leave threads idle: on a 2-core CPU the engine with two batches of
-    the default model at once, one torch thread each, wrote 1.3-1.6x as many pairs per second as
-    with one batch on both threads, the main thread's decoding fitting in between
-    (docs/benchmarks.md). A GPU runs one batch at a time, and OpenVINO schedules its own threads.
+    the default model at once wrote 1.3-1.6x as many pairs per second as with one batch on both
+    threads under PyTorch, and 1.09-1.14x under OpenVINO, the main thread's decoding fitting in
+    between (docs/benchmarks.md). A GPU runs one batch at a time.
     """
-    return 2 if runtime == "torch" and device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
 def default_workers(device: torch.device) -> int:
