@@ -284,6 +284,27 @@ def test_building_and_freeing_models_leaves_the_signal_stack_as_it_was(cached):
     assert _signal_stack() == before
 
 
+def test_a_signal_stack_that_cannot_be_given_back_is_switched_off(monkeypatch):
+    calls = []
+
+    class FakeLibc:  # reading the stack works; setting it back fails (e.g. too small for the CPU's state)
+        def sigaltstack(self, new, old):
+            calls.append(None if new is None else ctypes.cast(new, ctypes.POINTER(runtime._SignalStack)).contents.ss_flags)
+            return 0 if new is None else -1
+
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name, use_errno=False: FakeLibc())
+    with runtime._signal_stack_kept():
+        calls.append("block")
+    assert calls[:2] == [None, "block"] and calls[-1] == runtime._SS_DISABLE and len(calls) == 4
+
+    monkeypatch.setattr(runtime.sys, "platform", "darwin")  # elsewhere the block runs as it is, libc untouched
+    calls.clear()
+    with runtime._signal_stack_kept():
+        calls.append("block")
+    assert calls == ["block"]
+
+
 def test_two_processes_starting_one_model_on_a_cold_cache(tmp_path):
     model_dir = save_tiny_model(tmp_path / "tiny", seed=5)
     scene(40, 30).save(tmp_path / "a.png")
