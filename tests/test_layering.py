@@ -25,7 +25,7 @@ ALLOWED = {
     "metrics": set(),
     "losses": {"modeling"},  # one loss term per field of the model's output type
     "precision": set(),
-    "conversions": {"checkpoint"},  # the disk cache of converted models
+    "conversions": {"checkpoint", "devices"},  # the disk cache of converted models
     "runtime": {"modeling", "precision", "conversions", "devices"},  # the one place that sets up a model for inference
 }
 INFERENCE = {"bulk", "predictor", "serve", "cli"}  # the doors that run a trained model

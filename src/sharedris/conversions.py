@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sharedris.checkpoint import home_dir
+from sharedris.devices import switched_off
 
 SWITCH = "SHAREDRIS_CONVERSION_CACHE"  # "off" (or 0, false, no): keep no conversions
 MANIFEST = "manifest.json"
@@ -76,7 +77,7 @@ class ConversionCache:
     @classmethod
     def default(cls) -> ConversionCache | None:
         """The user's cache (``<home>/conversions``), or None when ``SHAREDRIS_CONVERSION_CACHE`` is off."""
-        if os.environ.get(SWITCH, "").strip().lower() in {"off", "0", "false", "no"}:
+        if switched_off(SWITCH):
             return None
         return cls(home_dir() / "conversions")
 

@@ -1,5 +1,5 @@
 """Turning a user's device string ("cpu", "cuda", "cuda:1") into a ``torch.device``, checked up front,
-and setting up the process for running models on the CPU.
+setting up the process for running models on the CPU, and reading sharedris's on/off switches.
 
 Every command that takes ``--device`` goes through :func:`resolve_device`, so a typo or a GPU that
 is not there is one sentence before any model is loaded, not a traceback from deep inside torch.
@@ -20,6 +20,11 @@ MALLOC_SWITCH = "SHAREDRIS_MALLOC_TUNING"  # "off" (or 0, false, no): leave the 
 # accepts on 64-bit systems (32 MiB), and a trim threshold far above any activation's size.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30
+
+
+def switched_off(variable: str) -> bool:
+    """Whether environment variable ``variable`` says "off" (or 0, false, no): sharedris's switches."""
+    return os.environ.get(variable, "").strip().lower() in {"off", "0", "false", "no"}
 
 
 class DeviceError(ValueError):
@@ -65,7 +70,7 @@ def keep_freed_memory() -> bool:
     Process-wide, once. Linux with glibc only; elsewhere, or with ``SHAREDRIS_MALLOC_TUNING=off``,
     it does nothing. Returns whether it applied.
     """
-    if os.environ.get(MALLOC_SWITCH, "").strip().lower() in {"off", "0", "false", "no"}:
+    if switched_off(MALLOC_SWITCH):
         return False
     if not sys.platform.startswith("linux"):
         return False

@@ -136,7 +136,8 @@ def predict_manifest(model: nn.Module | Predictor, manifest: ManifestInput, out_
         workers: DataLoader worker processes reading and decoding images (0 = in this process);
             None = :func:`default_workers` for the predictor's device.
         lanes: batches in the model at once, each in its own thread with an equal share of torch's
-            threads, while this thread decodes the next images and writes results in order; None =
+            threads (under OpenVINO, each call uses the threads its compiled model was given), while
+            this thread decodes the next images and writes results in order; None =
             :func:`default_lanes` for the predictor's device. Torch's thread count is process-wide:
             with 2 or more lanes it is divided for the run and restored after.
         save_png: also write each pair's mask PNG (not for "no match") and overlay PNG, named by
