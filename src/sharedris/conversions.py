@@ -48,6 +48,8 @@ MANIFEST = "manifest.json"
 LIMIT = "SHAREDRIS_CONVERSION_CACHE_GB"  # size limit of the whole cache, in GB
 DEFAULT_LIMIT_GB = 8.0
 STALE_SECONDS = 3600  # a temporary folder this old belongs to a process that died
+# What reading an entry that is missing, half removed or damaged raises
+_UNREADABLE = (OSError, ValueError, TypeError, KeyError, AttributeError)
 
 
 def digest(*parts: Any) -> str:
@@ -94,7 +96,7 @@ class ConversionCache:
                    for name, rec in manifest.items()):
                 _mark_used(folder)
                 return files
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        except _UNREADABLE:
             pass
         self.discard(key)
         return None
@@ -155,7 +157,7 @@ class ConversionCache:
                 manifest = folder / MANIFEST
                 size = sum(rec["size"] for rec in json.loads(manifest.read_text()).values())
                 entries.append((manifest.stat().st_mtime, size, folder.name))
-            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            except _UNREADABLE:
                 continue  # being written, removed or damaged: read() deals with it
         total = sum(size for _, size, _ in entries)
         for _, size, key in sorted(entries):
