@@ -340,14 +340,42 @@ def test_a_resumed_run_takes_its_weights_from_the_resume_file_not_init_from(run_
 
 def test_init_from_refuses_what_it_cannot_use(run_a, tmp_path):
     _, run_a_dir = run_a
-    deeper = {**TINY_MODEL, "encoder": {**TINY_MODEL["encoder"], "depth": 3}}
-    with pytest.raises(ValueError, match="another architecture"):
-        train(_cfg(tmp_path / "e", init_from=str(run_a_dir / "final"), model_overrides=deeper), device="cpu")
+    shallower = {**TINY_MODEL, "encoder": {**TINY_MODEL["encoder"], "depth": 1}, "taps": (1, 1, 1, 1)}
+    wider = {**TINY_MODEL, "encoder": {**TINY_MODEL["encoder"], "depth": 3, "mlp_dim": 96}, "taps": (1, 1, 2, 3)}
+    for i, other in enumerate((shallower, wider)):  # a deeper encoder grows only when the rest fits
+        with pytest.raises(ValueError, match="another architecture"):
+            train(_cfg(tmp_path / f"e{i}", init_from=str(run_a_dir / "final"), model_overrides=other), device="cpu")
     with pytest.raises(ValueError, match="init_from='.*missing'.*does not exist"):
         train(_cfg(tmp_path / "f", init_from=str(tmp_path / "missing")), device="cpu")
     with pytest.raises(ValueError, match="set only one of them"):
         train(_cfg(tmp_path / "g", init_from=str(run_a_dir / "final"), encoder_weights="beit3.pth"), device="cpu")
-    assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
+    assert not any((tmp_path / name).exists() for name in ("e0", "e1", "f"))
+
+
+def test_init_from_into_a_deeper_encoder_starts_the_new_blocks_as_the_identity(run_a, tmp_path):
+    _, run_a_dir = run_a
+    start = load_pretrained(run_a_dir / "final").eval()
+    deeper = {**TINY_MODEL, "encoder": {**TINY_MODEL["encoder"], "depth": 4}, "taps": (1, 1, 2, 4)}
+    cfg = _cfg(tmp_path / "deep", epochs=1, init_from=str(run_a_dir / "final"), model_overrides=deeper,
+               optim={"lr": 0.0})
+    grown = load_pretrained(train(cfg, device="cpu") / "final").eval()
+    assert grown.config.encoder.depth == 4
+    weights, fresh = grown.state_dict(), _tiny_model().state_dict()
+    for k, v in start.state_dict().items():
+        assert torch.equal(weights[k], v), k
+    new = [k for k in weights if k.startswith(("encoder.blocks.2.", "encoder.blocks.3."))]
+    outputs = [k for k in new if ".proj." in k or ".fc2." in k]
+    assert len(outputs) == 2 * 2 * 4  # per block: proj and fc2, weight and bias, for both experts
+    assert all(not weights[k].any() for k in outputs)
+    assert any(weights[k].any() for k in new if k not in outputs)  # the rest keeps a fresh initialisation
+    # the grown model answers exactly as the one it started from: its last tap now follows block 4
+    torch.manual_seed(3)
+    image, ids = torch.randn(2, 3, 64, 64), torch.randint(4, 500, (2, 12))
+    padding = torch.arange(12).expand(2, 12) >= torch.tensor([[5], [12]])
+    with torch.no_grad():
+        a, b = start(image, ids, padding), grown(image, ids, padding)
+    assert torch.equal(a.mask_logits, b.mask_logits) and torch.equal(a.presence_logits, b.presence_logits)
+    assert not torch.equal(fresh["encoder.blocks.0.proj.A.weight"], weights["encoder.blocks.0.proj.A.weight"])
 
 def test_a_head_only_stage_trains_the_head_alone_from_a_fresh_start(run_a, tmp_path):
     _, run_a_dir = run_a
