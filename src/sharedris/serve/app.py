@@ -69,7 +69,7 @@ DEFAULT_MODEL_DESCRIPTION = (
     "its weak spot) and groups (all the red shapes, both triangles), and answers \"no match\" when "
     "nothing in the image fits or when a colour, shape or size word is one it does not know. On its own "
     "test scenes: gIoU 0.89; on scenes from an independent renderer it never trained on: targets found "
-    "97-100% of the time, gIoU 0.82-0.97 by kind of scene (docs/models.md)."
+    "99-100% of the time, gIoU 0.84-0.97 by kind of scene (docs/models.md)."
 )
 
 
