@@ -377,6 +377,7 @@ def test_init_from_into_a_deeper_encoder_starts_the_new_blocks_as_the_identity(r
     assert torch.equal(a.mask_logits, b.mask_logits) and torch.equal(a.presence_logits, b.presence_logits)
     assert not torch.equal(fresh["encoder.blocks.0.proj.A.weight"], weights["encoder.blocks.0.proj.A.weight"])
 
+
 def test_a_head_only_stage_trains_the_head_alone_from_a_fresh_start(run_a, tmp_path):
     _, run_a_dir = run_a
     start = load_pretrained(run_a_dir / "final").state_dict()

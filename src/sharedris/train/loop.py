@@ -129,7 +129,7 @@ def _grow_encoder(start: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) 
     for k, v in own.items():
         if k.startswith("encoder.blocks.") and int(k.split(".")[2]) >= have:
             zero = ".proj." in k or ".fc2." in k
-            grown[k] = torch.zeros_like(v) if zero else v.clone()
+            grown[k] = torch.zeros_like(v) if zero else v
     return grown
 
 
