@@ -17,7 +17,7 @@ from sharedris.modeling import (
     list_models,
     model_config,
 )
-from sharedris.modeling.decoder import corrected_soft_iou, soft_iou
+from sharedris.modeling.decoder import coordinate_channels, corrected_soft_iou, soft_iou
 from sharedris.modeling.fpn import ConvLevel, SharedLevel
 
 
@@ -141,6 +141,42 @@ def test_iou_from_mask_starts_at_the_soft_iou_of_the_full_size_mask_and_does_not
     with torch.no_grad():
         q_out = plain(image, ids, pad).iou_pred
     assert torch.allclose(q_out, torch.zeros(2), atol=1e-6)
+
+
+def test_coordinate_channels_by_hand():
+    c = coordinate_channels(2, 4, torch.device("cpu"), torch.float32)  # pixel centres, -1..1 across the map
+    assert c.shape == (2, 4, 5)
+    assert torch.equal(c[0, :, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # x
+    assert torch.equal(c[:, 0, 1], torch.tensor([-0.5, 0.5]))  # y
+    assert torch.equal(c[1, 3], torch.tensor([0.75, 0.5, 0.5625, 0.25, 0.375]))  # x, y, x^2, y^2, xy
+
+
+def test_coordinate_features_start_as_no_change_and_let_the_query_add_a_function_of_position():
+    cfg = _small(decoder=dict(num_heads=2, coord_features=True))
+    model, plain = build_model(cfg).eval(), build_model(_small()).eval()
+    missing = plain.load_state_dict(model.state_dict(), strict=False)
+    assert missing.unexpected_keys == ["decoder.coord_proj.weight"] and not missing.missing_keys
+    image, ids, pad = _inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(image, ids, pad).mask_logits, plain(image, ids, pad).mask_logits)
+    # the map from coordinates to pixel features is trained from the start
+    target = torch.zeros(2, 1, cfg.image_size, cfg.image_size)
+    target[:, :, 8:40, 16:48] = 1
+    referring_loss(model.train()(image, ids, pad), target)["loss"].backward()
+    assert model.decoder.coord_proj.weight.grad.abs().sum() > 0
+    # with the x column set to the mask embedding m, each logit gains scale * |m|^2 * x: a ramp across the map
+    seen = {}
+    model.decoder.mask_mlp.register_forward_hook(lambda mod, args, out: seen.update(m=out.detach()))
+    pixel = torch.randn(2, 32, 16, 16)
+    mid, text = torch.randn(2, 32, 4, 4), torch.randn(2, 8, 32)
+    model.eval()
+    with torch.no_grad():
+        before = model.decoder(pixel, mid, text, pad)[0]
+        model.decoder.coord_proj.weight[:, 0] = seen["m"][0]
+        after = model.decoder(pixel, mid, text, pad)[0]
+    x = torch.linspace(-1 + 1 / 16, 1 - 1 / 16, 16)
+    gain = model.decoder.logit_scale * (seen["m"][0] @ seen["m"][0]) * x
+    assert torch.allclose(after[0, 0] - before[0, 0], gain.expand(16, 16), atol=1e-4)
 
 
 def test_train_and_eval_return_the_same_type():

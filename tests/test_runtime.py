@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _tiny_model import encode, save_tiny_model, scene
+from _tiny_model import encode, save_tiny_model, scene, tiny_model
 
 from sharedris import Predictor, load_pretrained
 from sharedris.runtime import OpenVINOModel, RuntimeChoiceError, check_runtime
@@ -36,6 +36,19 @@ def test_openvino_gives_torchs_outputs(model_dir, compiled, batch, length):
     for name, a, b in zip(want._fields, want, got):
         assert b.dtype == torch.float32 and b.shape == a.shape, name
         assert torch.allclose(a, b, atol=1e-4), f"{name}: max |diff| {(a - b).abs().max():.2e}"
+
+
+def test_openvino_converts_coordinate_features():
+    model = tiny_model(coord_features=True).eval()
+    with torch.no_grad():
+        model.decoder.coord_proj.weight.normal_()  # trained weights: the map is not zero
+    g = torch.Generator().manual_seed(5)
+    image, ids = torch.randn(2, 3, 64, 64, generator=g), torch.randint(4, 100, (2, 24), generator=g)
+    pad = torch.zeros(2, 24, dtype=torch.bool)
+    with torch.no_grad():
+        want = model(image, ids, pad).mask_logits
+    got = OpenVINOModel(model, "fp32", threads=1)(image, ids, pad).mask_logits
+    assert torch.allclose(want, got, atol=1e-4), f"max |diff| {(want - got).abs().max():.2e}"
 
 
 def test_openvino_serves_several_threads_at_once(compiled):

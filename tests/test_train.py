@@ -352,6 +352,23 @@ def test_init_from_refuses_what_it_cannot_use(run_a, tmp_path):
     assert not any((tmp_path / name).exists() for name in ("e0", "e1", "f"))
 
 
+def test_init_from_into_a_decoder_with_coordinate_features_starts_them_at_zero(run_a, tmp_path):
+    _, run_a_dir = run_a
+    start = load_pretrained(run_a_dir / "final").eval()
+    coords = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "coord_features": True}}
+    cfg = _cfg(tmp_path / "coords", epochs=1, init_from=str(run_a_dir / "final"), model_overrides=coords,
+               optim={"lr": 0.0})
+    grown = load_pretrained(train(cfg, device="cpu") / "final").eval()
+    assert grown.config.decoder.coord_features
+    weights = grown.state_dict()
+    assert set(weights) - set(start.state_dict()) == {"decoder.coord_proj.weight"}
+    assert not weights["decoder.coord_proj.weight"].any()
+    torch.manual_seed(4)
+    image, ids = torch.randn(2, 3, 64, 64), torch.randint(4, 500, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(start(image, ids).mask_logits, grown(image, ids).mask_logits)
+
+
 def test_init_from_into_a_deeper_encoder_starts_the_new_blocks_as_the_identity(run_a, tmp_path):
     _, run_a_dir = run_a
     start = load_pretrained(run_a_dir / "final").eval()

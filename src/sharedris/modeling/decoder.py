@@ -34,6 +34,11 @@ class DecoderConfig:
             alone hardly tells a 0.98 mask from a 0.90 one; how sharp the mask's edges are does
             (docs/evaluation.md). Checkpoints saved before this setting existed predicted the IoU
             itself (they load with it off).
+        coord_features: add to the pixel features a learned linear map of each pixel's coordinates
+            (x, y, x^2, y^2 and xy, in [-1, 1] across the map; the map starts at zero). The mask
+            logit <m, F> then holds a quadratic function of the position that the query chooses,
+            such as a bowl around an anchor ("the circle closest to the triangle") or a ramp ("the
+            leftmost star"), besides what the pixel features say. Off in the paper-sized models.
         depth: number of Multiway blocks N_dec.
         num_heads: attention heads.
         mlp_ratio: FFN hidden width is ``width * mlp_ratio``.
@@ -45,6 +50,7 @@ class DecoderConfig:
     presence_head: bool = True
     iou_head: bool = True
     iou_from_mask: bool = True
+    coord_features: bool = False
     mlp_ratio: float = 2.0
     eps: float = 1e-5
 
@@ -82,6 +88,9 @@ class MaskDecoder(nn.Module):
             nn.init.zeros_(self.iou_mlp[-1].weight)  # a new head starts from the mask's soft IoU
             nn.init.zeros_(self.iou_mlp[-1].bias)
         self.mid_to_pixel = nn.Linear(C, Cp) if Cp != C else nn.Identity()
+        self.coord_proj = nn.Linear(COORD_CHANNELS, Cp, bias=False) if cfg.coord_features else None
+        if self.coord_proj is not None:
+            nn.init.zeros_(self.coord_proj.weight)  # starts as no change to the pixel features
         # <m, F> sums Cp products: 1/sqrt(Cp) keeps the initial logits O(1), as in scaled attention.
         self.logit_scale = nn.Parameter(torch.tensor(Cp**-0.5))
         self.logit_bias = nn.Parameter(torch.zeros(()))
@@ -121,9 +130,24 @@ class MaskDecoder(nn.Module):
         # query-aware map into the pixel features, as SAM does with its updated image embedding, uses it.
         xv = self.mid_to_pixel(xv).transpose(1, 2).reshape(B, -1, g, g)  # (B, Cp, g, g)
         pixel = pixel + F.interpolate(xv, size=pixel.shape[-2:], mode="bilinear", align_corners=False)
+        if self.coord_proj is not None:
+            h, w = pixel.shape[-2:]
+            coords = self.coord_proj(coordinate_channels(h, w, pixel.device, pixel.dtype))  # (h, w, Cp)
+            pixel = pixel + coords.permute(2, 0, 1).unsqueeze(0)
         logits = torch.einsum("bc,bchw->bhw", m, pixel) * self.logit_scale + self.logit_bias  # (B, h, w)
         iou = self.iou_mlp(q)[:, 0] if self.iou_mlp is not None else None  # (B,)
         return logits.unsqueeze(1), presence, iou
+
+
+COORD_CHANNELS = 5
+
+
+def coordinate_channels(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(h, w, 5): x, y, x^2, y^2 and xy of each pixel centre, x and y running from -1 to 1 across the map."""
+    y = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * (2 / h) - 1
+    x = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * (2 / w) - 1
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    return torch.stack([xx, yy, xx * xx, yy * yy, xx * yy], dim=-1).to(dtype)
 
 
 def soft_iou(logits: Tensor) -> Tensor:

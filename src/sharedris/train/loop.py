@@ -91,7 +91,9 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     The folder's weights must fit ``model`` (same names and shapes), except that a model with
     another input size takes the folder's vision positions resampled to its own token grid, and an
     encoder with more blocks than the folder's takes the folder's blocks first and starts each extra
-    block as the identity (see :func:`_grow_encoder`); settings that hold no weights (e.g.
+    block as the identity (see :func:`_grow_encoder`), and a decoder with coordinate features
+    (``decoder.coord_features``) started from a folder without them takes its coordinate map at
+    zero, so that it answers as the folder's model; settings that hold no weights (e.g.
     ``decoder.iou_from_mask``) come from ``cfg.model`` and ``cfg.model_overrides``.
     """
     try:
@@ -104,6 +106,9 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     if positions in start and positions in own and start[positions].shape[0] != own[positions].shape[0]:
         start[positions] = resample_vision_positions(start[positions], model.encoder.cfg.grid_size)
     start = _grow_encoder(start, own)
+    coords = "decoder.coord_proj.weight"
+    if coords in own and coords not in start:
+        start[coords] = torch.zeros_like(own[coords])
     if {k: v.shape for k, v in start.items()} != {k: v.shape for k, v in own.items()}:
         raise ValueError(f"init_from={cfg.init_from!r} holds another architecture than model={cfg.model} with its "
                          "model_overrides; start from a folder of the same model")
