@@ -68,8 +68,8 @@ DEFAULT_MODEL_DESCRIPTION = (
     "relations to another object (the circle closest to / next to / farthest from the purple triangle; "
     "its weak spot) and groups (all the red shapes, both triangles), and answers \"no match\" when "
     "nothing in the image fits or when a colour, shape or size word is one it does not know. On its own "
-    "test scenes: gIoU 0.89; on scenes from an independent renderer it never trained on: targets found "
-    "99-100% of the time, gIoU 0.84-0.97 by kind of scene (docs/models.md)."
+    "test scenes: gIoU 0.90; on scenes from an independent renderer it never trained on: targets found "
+    "97-100% of the time, gIoU 0.84-0.97 by kind of scene (docs/models.md)."
 )
 
 
