@@ -154,8 +154,8 @@ def test_coordinate_channels_by_hand():
 def test_coordinate_features_start_as_no_change_and_let_the_query_add_a_function_of_position():
     cfg = _small(decoder=dict(num_heads=2, coord_features=True))
     model, plain = build_model(cfg).eval(), build_model(_small()).eval()
-    missing = plain.load_state_dict(model.state_dict(), strict=False)
-    assert missing.unexpected_keys == ["decoder.coord_proj.weight"] and not missing.missing_keys
+    loaded = plain.load_state_dict(model.state_dict(), strict=False)  # every weight but the map fits
+    assert loaded.unexpected_keys == ["decoder.coord_proj.weight"] and not loaded.missing_keys
     image, ids, pad = _inputs(cfg)
     with torch.no_grad():
         assert torch.equal(model(image, ids, pad).mask_logits, plain(image, ids, pad).mask_logits)
