@@ -1,4 +1,5 @@
-"""The OpenVINO runtime: the same outputs as PyTorch, dynamic batch and text length, clear refusals."""
+"""The OpenVINO runtime: the same outputs as PyTorch, dynamic batch and text length, a fixed-shape model for
+one pair, clear refusals."""
 
 import json
 import sys
@@ -36,6 +37,29 @@ def test_openvino_gives_torchs_outputs(model_dir, compiled, batch, length):
     for name, a, b in zip(want._fields, want, got):
         assert b.dtype == torch.float32 and b.shape == a.shape, name
         assert torch.allclose(a, b, atol=1e-4), f"{name}: max |diff| {(a - b).abs().max():.2e}"
+
+
+def test_one_pair_at_the_text_length_runs_the_fixed_shape_model_and_the_rest_the_dynamic_one(model_dir):
+    model = load_pretrained(model_dir)
+    L = model.config.text_len
+    compiled = OpenVINOModel(model, "fp32", threads=1)
+    assert all(p.get_partial_shape().is_static for p in compiled.single.inputs)
+    assert not compiled.dynamic.input("image").get_partial_shape().is_static
+    used = []
+    for name in ("single", "dynamic"):
+        real = getattr(compiled, name)
+        proxy = type("Proxy", (), {"create_infer_request": lambda self, real=real, name=name: (
+            used.append(name), real.create_infer_request())[1]})()
+        setattr(compiled, name, proxy)
+    g = torch.Generator().manual_seed(1)
+    for batch, length in ((1, L), (2, L), (1, L - 3), (1, L)):
+        image, ids = torch.randn(batch, 3, 64, 64, generator=g), torch.randint(4, 100, (batch, length), generator=g)
+        pad = torch.zeros(batch, length, dtype=torch.bool)
+        pad[:, length - 4:] = True
+        with torch.no_grad():
+            want = model(image, ids, pad)
+        assert torch.allclose(compiled(image, ids, pad).mask_logits, want.mask_logits, atol=1e-4)
+    assert used == ["single", "dynamic"]  # one request per compiled model and thread, made on first use
 
 
 def test_openvino_converts_coordinate_features():

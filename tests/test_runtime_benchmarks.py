@@ -1,4 +1,4 @@
-"""benchmarks/gemm_efficiency.py and benchmarks/door_defaults.py on the tiny model: what they print."""
+"""benchmarks/gemm_efficiency.py, door_defaults.py and openvino_shapes.py on the tiny model: what they print."""
 
 import re
 import subprocess
@@ -32,3 +32,10 @@ def test_door_defaults_names_what_auto_picks_and_the_speed_up():
                                     r"precision fp32, runtime torch: +([\d.]+) ms", r"speed-up of the defaults: x([\d.]+)")
     assert defaults[2] == "openvino"  # a CPU with the openvino package installed
     assert abs(float(speed_up[1]) - float(fp32[1]) / float(defaults[3])) < 0.02 * float(speed_up[1]) + 0.01
+
+
+def test_openvino_shapes_prints_both_times_their_ratio_and_that_both_answer_alike():
+    fixed, dynamic, speed_up = _run("openvino_shapes.py", r"fixed shapes: +([\d.]+) ms", r"dynamic shapes: +([\d.]+) ms",
+                                    r"speed-up of fixed shapes: x([\d.]+) \(mask logits differ by at most ([\d.e+-]+)\)")
+    assert abs(float(speed_up[1]) - float(dynamic[1]) / float(fixed[1])) < 0.02 * float(speed_up[1]) + 0.01
+    assert float(speed_up[2]) < 0.05  # bf16: two compilations of one model, not two models

@@ -10,11 +10,14 @@ Runtimes:
   sets up.
 - ``openvino`` converts the model with ``openvino.convert_model`` (traced on an example batch; batch
   size and text length stay dynamic) and compiles it with OpenVINO's CPU plugin at fp32 or bf16
-  (its ``INFERENCE_PRECISION_HINT``). Converting and compiling take seconds, so both results are
-  kept in the user's cache folder (:mod:`sharedris.conversions`), keyed by the model's config and
-  weights, the code that shapes the graph and the OpenVINO and torch versions (the compiled model
-  also by the CPU, precision and thread count): only a model's first start pays for them. It needs
-  the ``openvino`` package (a dependency of sharedris).
+  (its ``INFERENCE_PRECISION_HINT``) twice: as converted, for any batch, and with its inputs fixed
+  to one pair of the model's text length (what the tokenizer always gives), for the commonest call,
+  one expression, which a compiled model that knows every shape in advance runs faster
+  (docs/benchmarks.md). Converting and compiling take seconds, so the results are kept in the
+  user's cache folder (:mod:`sharedris.conversions`), keyed by the model's config and weights, the
+  code that shapes the graph and the OpenVINO and torch versions (the compiled models also by the
+  CPU, precision and thread count): only a model's first start pays for them. It needs the
+  ``openvino`` package (a dependency of sharedris).
 - ``auto`` (the default of every door): OpenVINO on a CPU at fp32 or bf16 when the ``openvino``
   package is installed, PyTorch otherwise (GPUs, int8, no OpenVINO); :func:`resolve_runtime`.
   OpenVINO was the fastest path measured on the CPUs in docs/benchmarks.md.
@@ -190,8 +193,11 @@ def _signal_stack_kept() -> Iterator[None]:
 class OpenVINOModel(nn.Module):
     """A Shared-RIS model compiled by OpenVINO, called like the model: (image, ids, pad) -> output.
 
-    The converted model, and the compiled one for this CPU, precision and thread count, are kept in
-    ``cache`` (:mod:`sharedris.conversions`) and read from it on later starts.
+    Two compiled models run it: one with all input shapes fixed to a single pair at the model's text
+    length (:attr:`single_shapes`), which answers such calls, and one with dynamic batch size and
+    text length, which answers every other call. The converted model and both compiled ones (for
+    this CPU, precision and thread count) are kept in ``cache`` (:mod:`sharedris.conversions`) and
+    read from it on later starts.
 
     Args:
         model: the Shared-RIS model on the CPU in eval mode, converted as it is (:class:`ModelRunner`
@@ -202,8 +208,9 @@ class OpenVINOModel(nn.Module):
 
     Attributes:
         weights_sha256: :func:`weights_digest` of the model it was converted from.
-        source: how the compiled model was obtained: ``"converted"``, ``"converted model from cache"``
+        source: how the compiled models were obtained: ``"converted"``, ``"converted model from cache"``
             (compiled here) or ``"compiled model from cache"``.
+        single_shapes: the input shapes of the fixed-shape compiled model, by input name.
     """
 
     def __init__(self, model: nn.Module, precision: str, threads: int | None = None,
@@ -215,6 +222,8 @@ class OpenVINOModel(nn.Module):
             raise ImportError("runtime openvino needs the openvino package: pip install openvino") from None
         cfg = model.config
         self.config = cfg
+        S, L = cfg.image_size, cfg.text_len
+        self.single_shapes = {"image": [1, 3, S, S], "text_ids": [1, L], "text_padding_mask": [1, L]}
         with _signal_stack_kept():
             core = openvino.Core()
             settings = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
@@ -225,10 +234,11 @@ class OpenVINOModel(nn.Module):
             # a compiled model is specific to the CPU (its instruction set) and to its settings too
             compiled_key = None if key is None else digest(key, settings, core.get_property("CPU", "FULL_DEVICE_NAME"),
                                                            core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-            self.compiled = self._from_cache(cache, compiled_key,
-                                             lambda files: core.import_model(files["compiled.blob"], "CPU", settings),
-                                             "compiled model from cache")
-            if self.compiled is None:
+            compiled = self._from_cache(cache, compiled_key,
+                                        lambda files: (core.import_model(files["dynamic.blob"], "CPU", settings),
+                                                       core.import_model(files["single.blob"], "CPU", settings)),
+                                        "compiled model from cache")
+            if compiled is None:
                 converted = self._from_cache(cache, key,
                                              lambda files: core.read_model(files["model.xml"], files["model.bin"]),
                                              "converted model from cache")
@@ -238,10 +248,14 @@ class OpenVINOModel(nn.Module):
                     if cache is not None:
                         cache.write(key, lambda folder: openvino.save_model(converted, folder / "model.xml",
                                                                             compress_to_fp16=False))
-                self.compiled = core.compile_model(converted, "CPU", settings)
+                single = converted.clone()
+                single.reshape(self.single_shapes)
+                compiled = (core.compile_model(converted, "CPU", settings), core.compile_model(single, "CPU", settings))
                 if cache is not None:
-                    blob = self.compiled.export_model().getvalue()
-                    cache.write(compiled_key, lambda folder: (folder / "compiled.blob").write_bytes(blob))
+                    blobs = {name: c.export_model().getvalue() for name, c in zip(("dynamic.blob", "single.blob"),
+                                                                                   compiled)}
+                    cache.write(compiled_key, lambda folder: [(folder / n).write_bytes(b) for n, b in blobs.items()])
+        self.dynamic, self.single = compiled
         self._requests = threading.local()
         # the outputs are the fields of SegmenterOutput that the model has, in order
         self.fields = ["mask_logits"] + [name for name, flag in (("presence_logits", cfg.decoder.presence_head),
@@ -261,15 +275,26 @@ class OpenVINOModel(nn.Module):
         self.source = source  # OpenVINO copies what it reads: the bytes can go (tests/test_conversions.py)
         return result
 
+    def _request(self, feed: dict[str, np.ndarray]) -> Any:
+        """This thread's inference request of the compiled model that takes ``feed``'s shapes.
+
+        One request per calling thread and compiled model: a request serves one call at a time.
+        """
+        single = all(list(feed[name].shape) == shape for name, shape in self.single_shapes.items())
+        name = "single" if single else "dynamic"
+        request = getattr(self._requests, name, None)
+        if request is None:
+            request = (self.single if single else self.dynamic).create_infer_request()
+            setattr(self._requests, name, request)
+        return request
+
     def forward(self, image: Tensor, text_ids: Tensor, text_padding_mask: Tensor | None = None) -> SegmenterOutput:
         """The model's output for a batch; tensors on the CPU, float32."""
         if text_padding_mask is None:
             text_padding_mask = torch.zeros_like(text_ids, dtype=torch.bool)
-        request = getattr(self._requests, "request", None)
-        if request is None:  # one inference request per calling thread: a request serves one call at a time
-            request = self._requests.request = self.compiled.create_infer_request()
-        result = request.infer({"image": image.float().numpy(), "text_ids": text_ids.numpy(),
-                                "text_padding_mask": text_padding_mask.numpy()})
+        feed = {"image": image.float().numpy(), "text_ids": text_ids.numpy(),
+                "text_padding_mask": text_padding_mask.numpy()}
+        result = self._request(feed).infer(feed)
         # copies: the request's output buffers are overwritten by this thread's next call
         named = {name: torch.from_numpy(np.array(result[i], dtype=np.float32)) for i, name in enumerate(self.fields)}
         return SegmenterOutput(*(named.get(field) for field in SegmenterOutput._fields))
