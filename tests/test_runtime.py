@@ -10,6 +10,7 @@ import torch
 from _tiny_model import encode, save_tiny_model, scene, tiny_model
 
 from sharedris import Predictor, load_pretrained
+from sharedris.conversions import ConversionCache
 from sharedris.runtime import OpenVINOModel, RuntimeChoiceError, check_runtime
 
 
@@ -39,18 +40,18 @@ def test_openvino_gives_torchs_outputs(model_dir, compiled, batch, length):
         assert torch.allclose(a, b, atol=1e-4), f"{name}: max |diff| {(a - b).abs().max():.2e}"
 
 
-def test_one_pair_at_the_text_length_runs_the_fixed_shape_model_and_the_rest_the_dynamic_one(model_dir):
+def test_one_pair_at_the_text_length_runs_the_fixed_shape_model_and_the_rest_a_dynamic_one_built_when_needed(
+        model_dir, tmp_path):
     model = load_pretrained(model_dir)
     L = model.config.text_len
-    compiled = OpenVINOModel(model, "fp32", threads=1)
+    cache = ConversionCache(tmp_path / "cache")
+    compiled = OpenVINOModel(model, "fp32", threads=1, cache=cache)
     assert all(p.get_partial_shape().is_static for p in compiled.single.inputs)
-    assert not compiled.dynamic.input("image").get_partial_shape().is_static
-    used = []
-    for name in ("single", "dynamic"):
-        real = getattr(compiled, name)
-        proxy = type("Proxy", (), {"create_infer_request": lambda self, real=real, name=name: (
-            used.append(name), real.create_infer_request())[1]})()
-        setattr(compiled, name, proxy)
+
+    def entries() -> int:
+        return len([p for p in cache.root.iterdir() if not p.name.startswith(".")])
+
+    assert entries() == 2  # the converted model and the fixed-shape one compiled
     g = torch.Generator().manual_seed(1)
     for batch, length in ((1, L), (2, L), (1, L - 3), (1, L)):
         image, ids = torch.randn(batch, 3, 64, 64, generator=g), torch.randint(4, 100, (batch, length), generator=g)
@@ -59,7 +60,17 @@ def test_one_pair_at_the_text_length_runs_the_fixed_shape_model_and_the_rest_the
         with torch.no_grad():
             want = model(image, ids, pad)
         assert torch.allclose(compiled(image, ids, pad).mask_logits, want.mask_logits, atol=1e-4)
-    assert used == ["single", "dynamic"]  # one request per compiled model and thread, made on first use
+        if batch == 1 and length == L and compiled._dynamic is None:  # one pair: nothing else built yet
+            assert entries() == 2 and set(vars(compiled._requests)) == {"single"}
+    assert not compiled.dynamic.input("image").get_partial_shape().is_static
+    assert entries() == 3 and set(vars(compiled._requests)) == {"single", "dynamic"}
+    # a later start reads both compiled models from the cache: it writes nothing
+    written = []
+    cache.write = lambda key, fill: written.append(key)
+    again = OpenVINOModel(model, "fp32", threads=1, cache=cache)
+    pair = (image.repeat(2, 1, 1, 1), ids.repeat(2, 1), pad.repeat(2, 1))
+    assert again.source == "compiled model from cache"
+    assert torch.equal(again(*pair).mask_logits, compiled(*pair).mask_logits) and written == []
 
 
 def test_openvino_converts_coordinate_features():

@@ -10,14 +10,14 @@ Runtimes:
   sets up.
 - ``openvino`` converts the model with ``openvino.convert_model`` (traced on an example batch; batch
   size and text length stay dynamic) and compiles it with OpenVINO's CPU plugin at fp32 or bf16
-  (its ``INFERENCE_PRECISION_HINT``) twice: as converted, for any batch, and with its inputs fixed
-  to one pair of the model's text length (what the tokenizer always gives), for the commonest call,
-  one expression, which a compiled model that knows every shape in advance runs faster
-  (docs/benchmarks.md). Converting and compiling take seconds, so the results are kept in the
-  user's cache folder (:mod:`sharedris.conversions`), keyed by the model's config and weights, the
-  code that shapes the graph and the OpenVINO and torch versions (the compiled models also by the
-  CPU, precision and thread count): only a model's first start pays for them. It needs the
-  ``openvino`` package (a dependency of sharedris).
+  (its ``INFERENCE_PRECISION_HINT``) twice: with its inputs fixed to one pair at the model's text
+  length (what the tokenizer always gives), for the commonest call, one expression, which a
+  compiled model that knows every shape in advance runs faster (docs/benchmarks.md); and as
+  converted, for any other batch, at the first such call. Converting and compiling take seconds,
+  so the results are kept in the user's cache folder (:mod:`sharedris.conversions`), keyed by the
+  model's config and weights, the code that shapes the graph and the OpenVINO and torch versions
+  (the compiled models also by their input shapes, the CPU, precision and thread count): only a
+  model's first start pays for them. It needs the ``openvino`` package (a dependency of sharedris).
 - ``auto`` (the default of every door): OpenVINO on a CPU at fp32 or bf16 when the ``openvino``
   package is installed, PyTorch otherwise (GPUs, int8, no OpenVINO); :func:`resolve_runtime`.
   OpenVINO was the fastest path measured on the CPUs in docs/benchmarks.md.
@@ -193,11 +193,13 @@ def _signal_stack_kept() -> Iterator[None]:
 class OpenVINOModel(nn.Module):
     """A Shared-RIS model compiled by OpenVINO, called like the model: (image, ids, pad) -> output.
 
-    Two compiled models run it: one with all input shapes fixed to a single pair at the model's text
-    length (:attr:`single_shapes`), which answers such calls, and one with dynamic batch size and
-    text length, which answers every other call. The converted model and both compiled ones (for
-    this CPU, precision and thread count) are kept in ``cache`` (:mod:`sharedris.conversions`) and
-    read from it on later starts.
+    Two compiled models run it: one with every input shape fixed to a single pair at the model's
+    text length (:attr:`single_shapes`), built with this object, which answers such calls; and one
+    with dynamic batch size and text length, built at the first call of any other shape, which
+    answers those. The converted model and each compiled one (for this CPU, precision and thread
+    count) are kept in ``cache`` (:mod:`sharedris.conversions`) and read from it on later starts.
+    Until the dynamic one is built, this object keeps a reference to ``model``, to convert it again
+    when the cache does not hold the conversion then (e.g. ``cache`` None).
 
     Args:
         model: the Shared-RIS model on the CPU in eval mode, converted as it is (:class:`ModelRunner`
@@ -208,9 +210,10 @@ class OpenVINOModel(nn.Module):
 
     Attributes:
         weights_sha256: :func:`weights_digest` of the model it was converted from.
-        source: how the compiled models were obtained: ``"converted"``, ``"converted model from cache"``
-            (compiled here) or ``"compiled model from cache"``.
+        source: how the compiled model for one pair was obtained: ``"converted"``, ``"converted model
+            from cache"`` (compiled here) or ``"compiled model from cache"``.
         single_shapes: the input shapes of the fixed-shape compiled model, by input name.
+        single: that compiled model.
     """
 
     def __init__(self, model: nn.Module, precision: str, threads: int | None = None,
@@ -224,56 +227,69 @@ class OpenVINOModel(nn.Module):
         self.config = cfg
         S, L = cfg.image_size, cfg.text_len
         self.single_shapes = {"image": [1, 3, S, S], "text_ids": [1, L], "text_padding_mask": [1, L]}
+        self._cache = cache
+        self._convert: Callable[[], Any] | None = lambda: _convert(openvino, model)  # a closure: no submodule
+        self._dynamic: Any = None
+        self._lock = threading.Lock()
         with _signal_stack_kept():
-            core = openvino.Core()
-            settings = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
-                        "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+            self._core = openvino.Core()
+            self._settings = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+                              "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
             self.weights_sha256 = weights_digest(model)
-            key = None if cache is None else digest("openvino", dataclasses.asdict(cfg), self.weights_sha256,
-                                                    _code_digest(), openvino.__version__, torch.__version__)
-            # a compiled model is specific to the CPU (its instruction set) and to its settings too
-            compiled_key = None if key is None else digest(key, settings, core.get_property("CPU", "FULL_DEVICE_NAME"),
-                                                           core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-            compiled = self._from_cache(cache, compiled_key,
-                                        lambda files: (core.import_model(files["dynamic.blob"], "CPU", settings),
-                                                       core.import_model(files["single.blob"], "CPU", settings)),
-                                        "compiled model from cache")
-            if compiled is None:
-                converted = self._from_cache(cache, key,
-                                             lambda files: core.read_model(files["model.xml"], files["model.bin"]),
-                                             "converted model from cache")
-                if converted is None:
-                    converted = _convert(openvino, model)
-                    self.source = "converted"
-                    if cache is not None:
-                        cache.write(key, lambda folder: openvino.save_model(converted, folder / "model.xml",
-                                                                            compress_to_fp16=False))
-                single = converted.clone()
-                single.reshape(self.single_shapes)
-                compiled = (core.compile_model(converted, "CPU", settings), core.compile_model(single, "CPU", settings))
-                if cache is not None:
-                    blobs = {name: c.export_model().getvalue() for name, c in zip(("dynamic.blob", "single.blob"),
-                                                                                   compiled)}
-                    cache.write(compiled_key, lambda folder: [(folder / n).write_bytes(b) for n, b in blobs.items()])
-        self.dynamic, self.single = compiled
+            self._key = None if cache is None else digest("openvino", dataclasses.asdict(cfg), self.weights_sha256,
+                                                          _code_digest(), openvino.__version__, torch.__version__)
+            self.single, self.source = self._compile(self.single_shapes)
         self._requests = threading.local()
         # the outputs are the fields of SegmenterOutput that the model has, in order
         self.fields = ["mask_logits"] + [name for name, flag in (("presence_logits", cfg.decoder.presence_head),
                                                                  ("iou_pred", cfg.decoder.iou_head)) if flag]
 
-    def _from_cache(self, cache: ConversionCache | None, key: str | None, load: Callable[[dict[str, bytes]], Any],
-                    source: str) -> Any:
+    def _compile(self, shapes: dict[str, list[int]] | None) -> tuple[Any, str]:
+        """The compiled model with input ``shapes`` (None: dynamic) and how it was obtained (:attr:`source`)."""
+        import openvino
+
+        core, settings, cache = self._core, self._settings, self._cache
+        # a compiled model is specific to the CPU (its instruction set) and to its settings too
+        key = None if cache is None else digest(self._key, shapes, settings, core.get_property("CPU", "FULL_DEVICE_NAME"),
+                                                core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        compiled = self._from_cache(key, lambda files: core.import_model(files["compiled.blob"], "CPU", settings))
+        if compiled is not None:
+            return compiled, "compiled model from cache"
+        source = "converted model from cache"
+        converted = self._from_cache(self._key, lambda files: core.read_model(files["model.xml"], files["model.bin"]))
+        if converted is None:
+            converted, source = self._convert(), "converted"
+            if cache is not None:
+                cache.write(self._key, lambda folder: openvino.save_model(converted, folder / "model.xml",
+                                                                          compress_to_fp16=False))
+        if shapes is not None:
+            converted.reshape(shapes)
+        compiled = core.compile_model(converted, "CPU", settings)
+        if cache is not None:
+            blob = compiled.export_model().getvalue()
+            cache.write(key, lambda folder: (folder / "compiled.blob").write_bytes(blob))
+        return compiled, source
+
+    def _from_cache(self, key: str | None, load: Callable[[dict[str, bytes]], Any]) -> Any:
         """``load(files)`` of the cache's entry ``key``; None when there is none or OpenVINO refuses it."""
-        files = None if cache is None else cache.read(key)
+        files = None if self._cache is None else self._cache.read(key)
         if files is None:
             return None
         try:
-            result = load(files)
+            return load(files)  # OpenVINO copies what it reads: the bytes can go (tests/test_conversions.py)
         except Exception:  # noqa: BLE001 - checked bytes that OpenVINO still refuses: build it again
-            cache.discard(key)
+            self._cache.discard(key)
             return None
-        self.source = source  # OpenVINO copies what it reads: the bytes can go (tests/test_conversions.py)
-        return result
+
+    @property
+    def dynamic(self) -> Any:
+        """The compiled model with dynamic batch size and text length, built at first use."""
+        with self._lock:
+            if self._dynamic is None:
+                with _signal_stack_kept():
+                    self._dynamic = self._compile(None)[0]
+                self._convert = None  # the reference to the PyTorch model can go
+            return self._dynamic
 
     def _request(self, feed: dict[str, np.ndarray]) -> Any:
         """This thread's inference request of the compiled model that takes ``feed``'s shapes.
