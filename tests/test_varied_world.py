@@ -185,6 +185,40 @@ def test_a_training_recipe_sets_how_often_and_how_far_scenes_are_stretched() -> 
         DataConfig(synthetic_stretch=(0.5, 0.8))
 
 
+def _candidates(source: SyntheticRefScenes) -> Counter[int]:
+    """How many scenes have each number of objects of the target's shape (relation scenes)."""
+    counts: Counter[int] = Counter()
+    for sample in source:
+        shape = sample["objects"][sample["target"]]["shape"]
+        counts[sum(o["shape"] == shape for o in sample["objects"])] += 1
+    return counts
+
+
+def test_a_training_recipe_sets_how_many_candidates_constructed_relation_scenes_hold() -> None:
+    def train_source(candidates: tuple[int, int]) -> SyntheticRefScenes:
+        return build_source(DataConfig(synthetic_train_size=80, synthetic_image_size=SIZE,
+                                       synthetic_relation_candidates=candidates,
+                                       synthetic_train_families=("relation",)), "train", train=True)
+
+    own, four = _candidates(train_source((2, 3))), _candidates(train_source((4, 4)))
+    # constructed scenes (half of them) hold exactly the candidates drawn; independent ones any number
+    assert four[4] >= 25 and four[4] > 2 * own[4]
+    assert own[2] + own[3] >= 50 and four[2] + four[3] < own[2] + own[3] - 20
+    # the default draws the scenes as before the option existed: the same training scenes
+    default = build_source(DataConfig(synthetic_train_size=5, synthetic_image_size=SIZE,
+                                      synthetic_train_families=("relation",)), "train", train=True)
+    assert [x["text"] for x in default] == [x["text"] for x in train_source((2, 3))][:5]
+    # evaluation splits keep the world's own candidates whatever the recipe says
+    cfg = DataConfig(synthetic_eval_size=12, synthetic_relation_candidates=(4, 4))
+    more, own_val = build_source(cfg, "val", train=False), build_source(DataConfig(synthetic_eval_size=12), "val", train=False)
+    assert all(np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) for a, b in zip(more, own_val))
+    for bad in ((1, 3), (3, 2), (2, 5)):
+        with pytest.raises(ValueError, match="synthetic_relation_candidates"):
+            DataConfig(synthetic_relation_candidates=bad)
+    with pytest.raises(ValueError, match="relation_candidates"):
+        SyntheticRefScenes("train", length=2, world="varied", relation_candidates=(2, 5))
+
+
 def _probe_module() -> Any:
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "shortcut_probe.py"
     import sys

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sharedris.data.heldout import VARIANTS
 from sharedris.data.synthetic import FAMILIES, WORLDS
 from sharedris.data.synthetic.compose import STRETCH
+from sharedris.data.synthetic.families import MAX_RELATION_CANDIDATES, RELATION_CANDIDATES
 
 RENDERERS = ("generator", "heldout")
 
@@ -40,6 +41,10 @@ class DataConfig:
     # those of a squashed non-square picture, and the widest such picture's aspect (evaluation
     # splits always draw the world's own, sharedris.data.synthetic.compose.STRETCH).
     synthetic_stretch: tuple[float, float] = STRETCH
+    # Training scenes of the varied world only: how many objects of the named shape a constructed
+    # relation scene holds, [fewest, most], 2 to 4 (evaluation splits always draw
+    # sharedris.data.synthetic.families.RELATION_CANDIDATES, [2, 3]).
+    synthetic_relation_candidates: tuple[int, int] = RELATION_CANDIDATES
     synthetic_fresh_epochs: bool = False  # each epoch new training scenes (e*N..e*N+N-1) instead of the same N
     seed: int = 0
     # Training scenes only: their seed, so that a later stage can see scenes no earlier one saw
@@ -65,3 +70,7 @@ class DataConfig:
         if not (0 <= share <= 1 and widest >= 1):
             raise ValueError(f"synthetic_stretch={list(self.synthetic_stretch)}: give [share of scenes in 0..1, "
                              "widest aspect >= 1]")
+        fewest, most = self.synthetic_relation_candidates
+        if not 2 <= fewest <= most <= MAX_RELATION_CANDIDATES:
+            raise ValueError(f"synthetic_relation_candidates={list(self.synthetic_relation_candidates)}: give "
+                             f"[fewest, most] with 2 <= fewest <= most <= {MAX_RELATION_CANDIDATES}")

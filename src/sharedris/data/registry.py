@@ -21,6 +21,7 @@ def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
     the held-out renderer's variant ``synthetic_heldout_variant``, which has no splits."""
     from sharedris.data.synthetic import FAMILIES, GENERAL_FAMILIES, MULTI_TARGET, SyntheticRefScenes
     from sharedris.data.synthetic.compose import STRETCH
+    from sharedris.data.synthetic.families import RELATION_CANDIDATES
 
     if cfg.synthetic_renderer == "heldout":
         if train:
@@ -43,6 +44,7 @@ def _synthetic(cfg: DataConfig, split: str, train: bool) -> Source:
         FAMILIES + ((MULTI_TARGET,) if cfg.synthetic_world == "varied" else ()),
         world=cfg.synthetic_world,
         stretch=cfg.synthetic_stretch if train else STRETCH,
+        relation_candidates=cfg.synthetic_relation_candidates if train else RELATION_CANDIDATES,
     )
 
 

@@ -16,17 +16,22 @@ is there. The varied world removes that cue:
   replaced by a word outside the world: a made-up word or one of ``OUT_OF_WORLD``. The picture is
   drawn exactly like a target scene's, so neither the count nor the layout tells them apart.
 - A scene may be stretched as a non-square picture is when the preprocessing squashes it.
+- A training recipe may draw constructed relation scenes with more candidates than evaluation
+  splits do (``relation_candidates``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
-from sharedris.data.synthetic.families import BUILDERS, CENTRE_RADIUS, MARGIN, MULTI_TARGET, SIZE_RATIO
+from sharedris.data.synthetic.families import (
+    BUILDERS, CENTRE_RADIUS, MARGIN, MULTI_TARGET, RELATION_CANDIDATES, SIZE_RATIO,
+)
 from sharedris.data.synthetic.geometry import COLOURS, SHAPES, UNNAMED_SHAPES, Placed, Spec, place
 from sharedris.data.synthetic import phrases
 
@@ -65,9 +70,16 @@ def draw_stretch(rng: np.random.Generator, stretch: tuple[float, float] = STRETC
 
 
 def target_scene(
-    rng: np.random.Generator, family: str, size: int, stretch: tuple[float, float]
+    rng: np.random.Generator, family: str, size: int, stretch: tuple[float, float],
+    relation_candidates: tuple[int, int] = RELATION_CANDIDATES,
 ) -> tuple[list[Placed], np.ndarray, list[int], int | None, list[str]]:
-    """Objects, label map, targets, anchor and phrasings of one target scene of ``family``."""
+    """Objects, label map, targets, anchor and phrasings of one target scene of ``family``.
+
+    ``relation_candidates`` (fewest, most) is how many objects of the named shape a constructed
+    ``relation`` scene holds."""
+    build = BUILDERS[family]
+    if family == "relation":
+        build = functools.partial(build, candidates=relation_candidates)
     for _ in range(_TRIES):
         if rng.random() < INDEPENDENT_SHARE:
             specs = _independent_specs(rng, size)
@@ -77,7 +89,7 @@ def target_scene(
                 targets, anchor, templates, words = options[int(rng.integers(len(options)))]
                 return layout[0], layout[1], targets, anchor, phrases.phrasings(rng, templates, **words)
             continue
-        specs, resolve = BUILDERS[family](rng, size)
+        specs, resolve = build(rng, size)
         if family != MULTI_TARGET:  # an unnamed shape would join "all the red objects"
             specs += [Spec(phrases.pick(rng, UNNAMED_SHAPES), phrases.pick(rng, list(COLOURS)), specs[0].scale)
                       for _ in range(int(rng.integers(0, 3)))]

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from sharedris.data.sample import RefSample
-from sharedris.data.synthetic.families import FAMILIES, GENERAL_FAMILIES, MULTI_TARGET, NO_TARGET
+from sharedris.data.synthetic.families import (
+    FAMILIES, GENERAL_FAMILIES, MAX_RELATION_CANDIDATES, MULTI_TARGET, NO_TARGET, RELATION_CANDIDATES,
+)
 from sharedris.data.synthetic.families import vocabulary as expression_words
 from sharedris.data.synthetic.compose import STRETCH
 from sharedris.data.synthetic.geometry import COLOURS, SHAPES
@@ -121,8 +123,10 @@ class SyntheticRefScenes:
     objects, independent or constructed, unnamed shapes, "nothing matches" scenes drawn exactly like
     target scenes, many backgrounds and renderings; ``styles`` does not apply, and
     ``no_target_phrasings`` may also name ``multi_target``). In the varied world, ``stretch`` is
-    (share of scenes, widest aspect) stretched as a squashed non-square picture is; evaluation
-    splits keep the world's own, ``STRETCH``.
+    (share of scenes, widest aspect) stretched as a squashed non-square picture is, and
+    ``relation_candidates`` (fewest, most; 2 to ``MAX_RELATION_CANDIDATES``) how many objects of
+    the named shape a constructed relation scene holds; evaluation splits keep the world's own,
+    ``STRETCH`` and ``RELATION_CANDIDATES``.
 
     ``vocabulary`` is every word an expression of ``families`` can contain (on the class: of every
     family) and ``description`` says what the scenes are: a model trained on them knows nothing else.
@@ -147,6 +151,7 @@ class SyntheticRefScenes:
         no_target_phrasings: Sequence[str] = FAMILIES,
         world: str = "flat",
         stretch: tuple[float, float] = STRETCH,
+        relation_candidates: tuple[int, int] = RELATION_CANDIDATES,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
@@ -164,6 +169,10 @@ class SyntheticRefScenes:
             raise ValueError(f"styles must be a non-empty list of names from {STYLES}, got {list(styles)}")
         if not (0 <= stretch[0] <= 1 and stretch[1] >= 1):
             raise ValueError(f"stretch must be (share of scenes in [0, 1], widest aspect >= 1), got {tuple(stretch)}")
+        fewest, most = relation_candidates
+        if not 2 <= fewest <= most <= MAX_RELATION_CANDIDATES:
+            raise ValueError(f"relation_candidates must be (fewest, most) with 2 <= fewest <= most <= "
+                             f"{MAX_RELATION_CANDIDATES}, got {tuple(relation_candidates)}")
         if size < 64:
             raise ValueError(f"size must be >= 64 to fit the objects, got {size}")
         if length < 0 or seed < 0:
@@ -177,6 +186,7 @@ class SyntheticRefScenes:
         self.no_target_phrasings = tuple(no_target_phrasings)
         self.world = world
         self.stretch = (float(stretch[0]), float(stretch[1]))
+        self.relation_candidates = (int(fewest), int(most))
         self.vocabulary = expression_words(self.families)
         self.description = _description(self.styles, world)
         self._first = 0  # scene number of sample 0
@@ -202,7 +212,8 @@ class SyntheticRefScenes:
             family = self.families[number % len(self.families)]
         else:
             family = self.families[int(rng.integers(len(self.families)))]
-        return lay_out(rng, family, self.size, self.no_target_phrasings, self.world, self.stretch), rng
+        return lay_out(rng, family, self.size, self.no_target_phrasings, self.world, self.stretch,
+                       self.relation_candidates), rng
 
     def __getitem__(self, index: int) -> SyntheticSample:
         index = operator.index(index)

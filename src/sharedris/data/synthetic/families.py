@@ -59,6 +59,10 @@ GENERAL_FAMILIES: tuple[str, ...] = FAMILIES + (NO_TARGET, MULTI_TARGET)
 SIZE_RATIO = 1.6  # the size family's smallest ratio between the equivalent radii of two classes
 MARGIN = 0.08  # fraction of the image side separating the target from the runner-up (position, relation)
 CENTRE_RADIUS = 0.2  # fraction of the side: a "middle" target must lie this close to the image centre
+# How many objects of the named shape a constructed relation scene holds (fewest, most); a training
+# recipe of the varied world may draw more (at most MAX_RELATION_CANDIDATES, so the scene still fits).
+RELATION_CANDIDATES = (2, 3)
+MAX_RELATION_CANDIDATES = 4
 
 # Equivalent radius (radius of the circle of the same area), as fractions of the image side.
 _MEDIUM = (0.058, 0.10)
@@ -184,11 +188,14 @@ def _position(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver
     return specs, resolve
 
 
-def _relation(rng: np.random.Generator, size: int) -> tuple[list[Spec], Resolver]:
-    """2-3 same-colour circles and a unique anchor; the target is the nearest (or farthest) by a margin."""
+def _relation(
+    rng: np.random.Generator, size: int, candidates: tuple[int, int] = RELATION_CANDIDATES
+) -> tuple[list[Spec], Resolver]:
+    """2-3 (``candidates``) same-colour circles and a unique anchor; the target is the nearest (or
+    farthest) by a margin."""
     shape, colour = pick(rng, SHAPES), pick(rng, list(COLOURS))
     a_shape, a_colour = pick(rng, SHAPES, [shape]), pick(rng, list(COLOURS))
-    k = int(rng.integers(2, 4))
+    k = int(rng.integers(candidates[0], candidates[1] + 1))
     specs = [Spec(shape, colour, _scale(rng, size, _MEDIUM)) for _ in range(k)]
     specs.append(Spec(a_shape, a_colour, _scale(rng, size, _MEDIUM)))
     if rng.integers(2):  # a decoy with the anchor's shape, so the anchor needs its colour too

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from sharedris.data.synthetic import compose
-from sharedris.data.synthetic.families import BUILDERS, FAMILIES, NO_TARGET, hide_referent
+from sharedris.data.synthetic.families import BUILDERS, FAMILIES, NO_TARGET, RELATION_CANDIDATES, hide_referent
 from sharedris.data.synthetic.geometry import Placed, place
 
 WORLDS: tuple[str, ...] = ("flat", "varied")
@@ -55,7 +55,7 @@ class Scene:
 
 def lay_out(
     rng: np.random.Generator, family: str, size: int, phrasings: Sequence[str] = FAMILIES, world: str = "flat",
-    stretch: tuple[float, float] = compose.STRETCH,
+    stretch: tuple[float, float] = compose.STRETCH, relation_candidates: tuple[int, int] = RELATION_CANDIDATES,
 ) -> Scene:
     """Lay out a ``size`` x ``size`` scene of ``family`` in ``world`` (``WORLDS``).
 
@@ -68,14 +68,16 @@ def lay_out(
     Varied world (:mod:`~sharedris.data.synthetic.compose`): a ``no_target`` scene is a target
     scene of a family drawn from ``phrasings``, unchanged, with an expression that refers to
     nothing in it. ``stretch`` (share of scenes, widest aspect) is how often and how far its shapes
-    are stretched as those of a squashed non-square picture (:func:`compose.draw_stretch`).
+    are stretched as those of a squashed non-square picture (:func:`compose.draw_stretch`), and
+    ``relation_candidates`` (fewest, most) how many objects of the named shape a constructed
+    relation scene holds.
     """
     if world == "varied":
         scale = compose.draw_stretch(rng, stretch)
         if family != NO_TARGET:
-            return Scene(family, *compose.target_scene(rng, family, size, scale), family)
+            return Scene(family, *compose.target_scene(rng, family, size, scale, relation_candidates), family)
         told = phrasings[int(rng.integers(len(phrasings)))]
-        objs, labels, _, _, texts = compose.target_scene(rng, told, size, scale)
+        objs, labels, _, _, texts = compose.target_scene(rng, told, size, scale, relation_candidates)
         return Scene(NO_TARGET, objs, labels, [], None, compose.absent_texts(rng, told, objs, texts), told)
     if family != NO_TARGET:
         return _resolved(rng, family, size)
