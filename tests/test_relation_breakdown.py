@@ -1,0 +1,63 @@
+"""Tests for benchmarks/relation_breakdown.py: which scenes it scores and how it sorts expressions."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _tiny_model import save_tiny_model
+
+from sharedris.data.config import DataConfig
+from sharedris.data.registry import build_source
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "relation_breakdown.py"
+DATA = dict(synthetic_world="varied", synthetic_train_size=40, synthetic_image_size=64, synthetic_fresh_epochs=True,
+            synthetic_train_families=("relation", "colour_shape"), synthetic_relation_candidates=(4, 4))
+
+
+def _script() -> Any:
+    spec = importlib.util.spec_from_file_location("relation_breakdown", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _recipe(tmp_path: Path) -> Path:
+    lines = ["epochs: 3", "data:"] + [f"  {k}: {list(v) if isinstance(v, tuple) else str(v).lower()}"
+                                      for k, v in DATA.items()]
+    path = tmp_path / "recipe.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_recipe_s_relation_scenes_are_those_its_last_epoch_trained_on(tmp_path: Path) -> None:
+    got = list(_script().relation_scenes(6, 64, recipe=str(_recipe(tmp_path))))
+    trained = build_source(DataConfig(**DATA), "train", train=True)
+    trained.set_epoch(2)
+    expected = [s for s in (trained[i] for i in range(len(trained))) if s["family"] == "relation"][:6]
+    assert len(got) == 6 and all(s["family"] == "relation" for s in got)
+    assert [(s["index"], s["text"]) for s in got] == [(s["index"], s["text"]) for s in expected]
+    trained.set_epoch(0)
+    first = [s["text"] for s in (trained[i] for i in range(len(trained))) if s["family"] == "relation"][:6]
+    assert first != [s["text"] for s in got]
+    (tmp_path / "none.yaml").write_text("data:\n  synthetic_train_families: [size]\n")
+    with pytest.raises(SystemExit, match="no relation scenes"):
+        next(_script().relation_scenes(2, 64, recipe=str(tmp_path / "none.yaml")))
+
+
+def test_every_far_phrasing_is_counted_as_far(tmp_path: Path, monkeypatch, capsys) -> None:
+    model = save_tiny_model(tmp_path / "full", presence_bias=20.0, mask_bias=50.0)  # every mask the whole image
+    module = _script()
+    scenes = list(module.relation_scenes(60, 64, world="varied"))
+    far = sum(any(w in s["text"] for w in ("farthest", "furthest", "far from")) for s in scenes)
+    assert 0 < far < 60 and any("furthest" in s["text"] for s in scenes)
+    monkeypatch.setattr(sys, "argv", ["relation_breakdown.py", str(model), "--scenes", "60", "--world", "varied"])
+    module.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("far,", "near,"))]
+    assert sum(int(r[3]) for r in rows if r[0] == "far,") == far
+    assert sum(int(r[3]) for r in rows) == 60
+    # a whole-image mask: a small IoU, and its pixels on the target, the other candidates and the anchor
+    assert all(0 < float(r[4]) < 0.5 and float(r[5]) > 0 and float(r[6]) > 0 and float(r[7]) > 0 for r in rows)
