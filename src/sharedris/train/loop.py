@@ -89,9 +89,9 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Copy the weights of the model folder ``cfg.init_from`` into ``model``, except ``cfg.init_skip``.
 
     The folder's weights must fit ``model`` (same names and shapes), except that a model with
-    another input size takes the folder's vision positions resampled to its own token grid, and an
-    encoder with more blocks than the folder's takes the folder's blocks first and starts each extra
-    block as the identity (see :func:`_grow_encoder`), and a decoder with coordinate features
+    another input size takes the folder's vision positions resampled to its own token grid, an
+    encoder or a mask decoder with more blocks than the folder's takes the folder's blocks first and
+    starts each extra block as the identity (see :func:`_grow_blocks`), and a decoder with coordinate features
     (``decoder.coord_features``) started from a folder without them takes its coordinate map at
     zero, so that it answers as the folder's model; settings that hold no weights (e.g.
     ``decoder.iou_from_mask``) come from ``cfg.model`` and ``cfg.model_overrides``.
@@ -105,7 +105,7 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     positions = "encoder.pos_embed_vision"
     if positions in start and positions in own and start[positions].shape[0] != own[positions].shape[0]:
         start[positions] = resample_vision_positions(start[positions], model.encoder.cfg.grid_size)
-    start = _grow_encoder(start, own)
+    start = _grow_blocks(_grow_blocks(start, own, "encoder.blocks."), own, "decoder.blocks.")
     coords = "decoder.coord_proj.weight"
     if coords in own and coords not in start:
         start[coords] = torch.zeros_like(own[coords])
@@ -115,24 +115,28 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     model.load_state_dict({k: own[k] if k.startswith(skip) else v for k, v in start.items()})
 
 
-def _grow_encoder(start: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``start`` with the encoder blocks that ``own`` has beyond it, each starting as the identity.
+def _grow_blocks(
+    start: dict[str, torch.Tensor], own: dict[str, torch.Tensor], prefix: str
+) -> dict[str, torch.Tensor]:
+    """``start`` with the blocks under ``prefix`` (``encoder.blocks.`` or ``decoder.blocks.``) that
+    ``own`` has beyond it, each starting as the identity.
 
-    Every encoder block adds its attention and its feed-forward branch to the running sequence
-    (pre-norm residuals), so a block whose output projections (``proj`` and ``mlp.*.fc2``, both
-    experts) are zero returns its input unchanged: a deeper model then computes exactly what the
-    shallower one did at the same block, and training opens the new blocks from there. Their other
-    weights keep their fresh initialisation. Returns ``start`` as it is when ``own`` has no extra block.
+    Every Multiway block, of the encoder and of the mask decoder alike, adds its attention and its
+    feed-forward branch to the running sequence (pre-norm residuals), so a block whose output
+    projections (``proj`` and ``mlp.*.fc2``, both experts) are zero returns its input unchanged: a
+    deeper model then computes exactly what the shallower one did at the same block, and training
+    opens the new blocks from there. Their other weights keep their fresh initialisation. Returns
+    ``start`` as it is when ``own`` has no extra block.
     """
     def depth(state: dict[str, torch.Tensor]) -> int:
-        return len({k.split(".")[2] for k in state if k.startswith("encoder.blocks.")})
+        return len({k.split(".")[2] for k in state if k.startswith(prefix)})
 
     have, want = depth(start), depth(own)
     if want <= have:
         return start
     grown = dict(start)
     for k, v in own.items():
-        if k.startswith("encoder.blocks.") and int(k.split(".")[2]) >= have:
+        if k.startswith(prefix) and int(k.split(".")[2]) >= have:
             zero = ".proj." in k or ".fc2." in k
             grown[k] = torch.zeros_like(v) if zero else v
     return grown
