@@ -369,55 +369,37 @@ def test_init_from_into_a_decoder_with_coordinate_features_starts_them_at_zero(r
         assert torch.equal(start(image, ids).mask_logits, grown(image, ids).mask_logits)
 
 
-def test_init_from_into_a_deeper_encoder_starts_the_new_blocks_as_the_identity(run_a, tmp_path):
+@pytest.mark.parametrize("part, overrides, added", [
+    ("encoder", {"encoder": {**TINY_MODEL["encoder"], "depth": 4}, "taps": (1, 1, 2, 4)}, (2, 3)),
+    ("decoder", {"decoder": {**TINY_MODEL["decoder"], "depth": 3}}, (1, 2)),
+])
+def test_init_from_into_a_deeper_encoder_or_decoder_starts_the_new_blocks_as_the_identity(
+    run_a, tmp_path, part, overrides, added
+):
     _, run_a_dir = run_a
     start = load_pretrained(run_a_dir / "final").eval()
-    deeper = {**TINY_MODEL, "encoder": {**TINY_MODEL["encoder"], "depth": 4}, "taps": (1, 1, 2, 4)}
-    cfg = _cfg(tmp_path / "deep", epochs=1, init_from=str(run_a_dir / "final"), model_overrides=deeper,
-               optim={"lr": 0.0})
+    cfg = _cfg(tmp_path / "deep", epochs=1, init_from=str(run_a_dir / "final"),
+               model_overrides={**TINY_MODEL, **overrides}, optim={"lr": 0.0})
     grown = load_pretrained(train(cfg, device="cpu") / "final").eval()
-    assert grown.config.encoder.depth == 4
+    assert getattr(grown.config, part).depth == added[-1] + 1
     weights, fresh = grown.state_dict(), _tiny_model().state_dict()
     for k, v in start.state_dict().items():
         assert torch.equal(weights[k], v), k
-    new = [k for k in weights if k.startswith(("encoder.blocks.2.", "encoder.blocks.3."))]
+    new = [k for k in weights if k.startswith(tuple(f"{part}.blocks.{i}." for i in added))]
+    assert set(weights) - set(start.state_dict()) == set(new)
     outputs = [k for k in new if ".proj." in k or ".fc2." in k]
     assert len(outputs) == 2 * 2 * 4  # per block: proj and fc2, weight and bias, for both experts
     assert all(not weights[k].any() for k in outputs)
     assert any(weights[k].any() for k in new if k not in outputs)  # the rest keeps a fresh initialisation
-    # the grown model answers exactly as the one it started from: its last tap now follows block 4
+    # the grown model answers exactly as the one it started from (the encoder's last tap now follows block 4)
     torch.manual_seed(3)
     image, ids = torch.randn(2, 3, 64, 64), torch.randint(4, 500, (2, 12))
     padding = torch.arange(12).expand(2, 12) >= torch.tensor([[5], [12]])
     with torch.no_grad():
         a, b = start(image, ids, padding), grown(image, ids, padding)
     assert torch.equal(a.mask_logits, b.mask_logits) and torch.equal(a.presence_logits, b.presence_logits)
-    assert not torch.equal(fresh["encoder.blocks.0.proj.A.weight"], weights["encoder.blocks.0.proj.A.weight"])
-
-
-def test_init_from_into_a_deeper_mask_decoder_starts_the_new_blocks_as_the_identity(run_a, tmp_path):
-    _, run_a_dir = run_a
-    start = load_pretrained(run_a_dir / "final").eval()
-    deeper = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "depth": 3}}
-    cfg = _cfg(tmp_path / "deepdec", epochs=1, init_from=str(run_a_dir / "final"), model_overrides=deeper,
-               optim={"lr": 0.0})
-    grown = load_pretrained(train(cfg, device="cpu") / "final").eval()
-    assert grown.config.decoder.depth == 3 and grown.config.encoder.depth == start.config.encoder.depth
-    weights = grown.state_dict()
-    for k, v in start.state_dict().items():
-        assert torch.equal(weights[k], v), k
-    new = [k for k in weights if k.startswith(("decoder.blocks.1.", "decoder.blocks.2."))]
-    outputs = [k for k in new if ".proj." in k or ".fc2." in k]
-    assert set(weights) - set(start.state_dict()) == set(new) and len(outputs) == 2 * 2 * 4
-    assert all(not weights[k].any() for k in outputs)
-    assert any(weights[k].any() for k in new if k not in outputs)
-    torch.manual_seed(5)
-    image, ids = torch.randn(2, 3, 64, 64), torch.randint(4, 500, (2, 12))
-    padding = torch.arange(12).expand(2, 12) >= torch.tensor([[7], [12]])
-    with torch.no_grad():
-        a, b = start(image, ids, padding), grown(image, ids, padding)
-    assert torch.equal(a.mask_logits, b.mask_logits) and torch.equal(a.presence_logits, b.presence_logits)
     assert torch.equal(a.iou_pred, b.iou_pred)
+    assert not torch.equal(fresh["encoder.blocks.0.proj.A.weight"], weights["encoder.blocks.0.proj.A.weight"])
 
 
 def test_a_head_only_stage_trains_the_head_alone_from_a_fresh_start(run_a, tmp_path):
