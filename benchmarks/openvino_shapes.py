@@ -6,9 +6,10 @@
 one pair at the model's text length (what answers one expression) and with dynamic batch size and
 text length (every other call). This builds a registered model with random weights (seed 0), one
 OpenVINOModel at bf16 (``--precision`` for another) on an empty conversion cache in a temporary
-folder (so that both are compiled here, from one conversion), and feeds the same pair (a random image, the model's text length with a third of it
-padding) to both compiled models in turn, median of ``--runs`` after a warm-up. It prints both
-times, their ratio and the largest difference between their mask logits.
+folder (so that both are compiled here, from one conversion), and feeds the same pair (a random
+image, the model's text length with a third of it padding) to both compiled models in turn,
+median of ``--runs`` after a warm-up. It prints both times, their ratio and the largest
+difference between their mask logits.
 """
 
 from __future__ import annotations

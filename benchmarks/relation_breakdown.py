@@ -35,8 +35,9 @@ from sharedris.train.config import load_train_config
 
 
 def relation_scenes(n: int, size: int, world: str = "flat", recipe: str | None = None) -> Iterator[dict[str, Any]]:
-    """``n`` relation scenes: of the val split in ``world``, or those the training recipe
-    ``recipe`` (a config file) drew in its last epoch, in the order it drew them."""
+    """``n`` relation scenes: of the val split in ``world`` at ``size`` px, or those the training
+    recipe ``recipe`` (a config file) drew in its last epoch, in the order and at the size it drew
+    them."""
     if recipe is None:
         yield from SyntheticRefScenes("val", size=size, length=n, families=("relation",), world=world)
         return
