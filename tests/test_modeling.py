@@ -179,32 +179,6 @@ def test_coordinate_features_start_as_no_change_and_let_the_query_add_a_function
     assert torch.allclose(after[0, 0] - before[0, 0], gain.expand(16, 16), atol=1e-4)
 
 
-def test_a_coordinate_gate_starts_as_no_change_and_reranks_only_what_the_mask_holds():
-    cfg = _small(decoder=dict(num_heads=2, coord_gate=True))
-    model, plain = build_model(cfg).eval(), build_model(_small()).eval()
-    loaded = plain.load_state_dict(model.state_dict(), strict=False)  # every weight but the gated term's fits
-    assert sorted(loaded.unexpected_keys) == [f"decoder.rank_mlp.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]
-    assert not loaded.missing_keys
-    image, ids, pad = _inputs(cfg)
-    with torch.no_grad():
-        assert torch.equal(model(image, ids, pad).mask_logits, plain(image, ids, pad).mask_logits)
-    # the coordinate weights u are trained from the start
-    target = torch.zeros(2, 1, cfg.image_size, cfg.image_size)
-    target[:, :, 8:40, 16:48] = 1
-    referring_loss(model.train()(image, ids, pad), target)["loss"].backward()
-    assert model.decoder.rank_mlp[-1].weight.grad.abs().sum() > 0
-    # u = (1, 0, 0, 0, 0), a ramp in x: each logit l gains sigmoid(l) * x, so pixels the mask
-    # rejects (l << 0) keep their logit and those it holds gain the ramp
-    model.eval()
-    pixel, mid, text = torch.randn(2, 32, 16, 16), torch.randn(2, 32, 4, 4), torch.randn(2, 8, 32)
-    with torch.no_grad():
-        before = model.decoder(pixel, mid, text, pad)[0]
-        model.decoder.rank_mlp[-1].bias[0] = 1 / 16
-        after = model.decoder(pixel, mid, text, pad)[0]
-    x = torch.linspace(-1 + 1 / 16, 1 - 1 / 16, 16).expand(2, 1, 16, 16)
-    assert torch.allclose(after - before, torch.sigmoid(before) * x, atol=1e-5)
-
-
 def test_train_and_eval_return_the_same_type():
     cfg = _small()
     model = build_model(cfg)

@@ -39,15 +39,6 @@ class DecoderConfig:
             logit <m, F> then holds a quadratic function of the position that the query chooses,
             such as a bowl around an anchor ("the circle closest to the triangle") or a ramp ("the
             leftmost star"), besides what the pixel features say. Off in the paper-sized models.
-        coord_gate: add to each mask logit a second function of the position, ``sigmoid(l(p)) *
-            16 <u, c(p)>``, where l(p) is the logit the rest of the decoder gives pixel p, c(p) the
-            five coordinates above and u five weights the query chooses (16: u moves in steps
-            the size of a logit's range, not of one weight's). The additive map above reaches
-            every pixel alike, so a ramp or bowl that ranks the candidates ("the circle farthest
-            from the triangle") must stay small against how far the pixel features set objects
-            above the background, or it lifts the background far from the anchor too; gated by
-            the mask it corrects, it re-ranks the pixels the mask holds alone and may be as steep
-            as the ranking needs. Starts at zero (u = 0). Off in the paper-sized models.
         depth: number of Multiway blocks N_dec.
         num_heads: attention heads.
         mlp_ratio: FFN hidden width is ``width * mlp_ratio``.
@@ -60,7 +51,6 @@ class DecoderConfig:
     iou_head: bool = True
     iou_from_mask: bool = True
     coord_features: bool = False
-    coord_gate: bool = False
     mlp_ratio: float = 2.0
     eps: float = 1e-5
 
@@ -101,11 +91,6 @@ class MaskDecoder(nn.Module):
         self.coord_proj = nn.Linear(COORD_CHANNELS, Cp, bias=False) if cfg.coord_features else None
         if self.coord_proj is not None:
             nn.init.zeros_(self.coord_proj.weight)  # starts as no change to the pixel features
-        # The query's coordinate weights u of the gated term.
-        self.rank_mlp = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, COORD_CHANNELS)) if cfg.coord_gate else None
-        if self.rank_mlp is not None:
-            nn.init.zeros_(self.rank_mlp[-1].weight)  # u = 0: starts as no change to the logits
-            nn.init.zeros_(self.rank_mlp[-1].bias)
         # <m, F> sums Cp products: 1/sqrt(Cp) keeps the initial logits O(1), as in scaled attention.
         self.logit_scale = nn.Parameter(torch.tensor(Cp**-0.5))
         self.logit_bias = nn.Parameter(torch.zeros(()))
@@ -145,20 +130,16 @@ class MaskDecoder(nn.Module):
         # query-aware map into the pixel features, as SAM does with its updated image embedding, uses it.
         xv = self.mid_to_pixel(xv).transpose(1, 2).reshape(B, -1, g, g)  # (B, Cp, g, g)
         pixel = pixel + F.interpolate(xv, size=pixel.shape[-2:], mode="bilinear", align_corners=False)
-        if self.coord_proj is not None or self.rank_mlp is not None:
-            coords = coordinate_channels(*pixel.shape[-2:], pixel.device, pixel.dtype)  # (h, w, 5)
         if self.coord_proj is not None:
-            pixel = pixel + self.coord_proj(coords).permute(2, 0, 1).unsqueeze(0)
+            h, w = pixel.shape[-2:]
+            coords = self.coord_proj(coordinate_channels(h, w, pixel.device, pixel.dtype))  # (h, w, Cp)
+            pixel = pixel + coords.permute(2, 0, 1).unsqueeze(0)
         logits = torch.einsum("bc,bchw->bhw", m, pixel) * self.logit_scale + self.logit_bias  # (B, h, w)
-        if self.rank_mlp is not None:
-            u = self.rank_mlp(q) * COORD_GATE_GAIN  # (B, 5)
-            logits = logits + torch.sigmoid(logits) * torch.einsum("bk,hwk->bhw", u, coords)
         iou = self.iou_mlp(q)[:, 0] if self.iou_mlp is not None else None  # (B,)
         return logits.unsqueeze(1), presence, iou
 
 
 COORD_CHANNELS = 5
-COORD_GATE_GAIN = 16.0  # decoder.coord_gate's coordinate weights, in units of a mask logit
 
 
 def coordinate_channels(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -85,11 +85,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# Weights a model is built with such that they change nothing (``decoder.coord_features``' map is
-# zero; so is the last layer of ``decoder.coord_gate``'s coordinate weights).
-_NEUTRAL_AT_BUILD = ("decoder.coord_proj.", "decoder.rank_mlp.")
-
-
 def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Copy the weights of the model folder ``cfg.init_from`` into ``model``, except ``cfg.init_skip``.
 
@@ -97,8 +92,8 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     another input size takes the folder's vision positions resampled to its own token grid, an
     encoder or a mask decoder with more blocks than the folder's takes the folder's blocks first and
     starts each extra block as the identity (see :func:`_grow_blocks`), and a decoder with coordinate features
-    (``decoder.coord_features``, ``decoder.coord_gate``) started from a folder without them takes them
-    as built (both start as no change), so that it answers as the folder's model; settings that hold no weights (e.g.
+    (``decoder.coord_features``) started from a folder without them takes its coordinate map at
+    zero, so that it answers as the folder's model; settings that hold no weights (e.g.
     ``decoder.iou_from_mask``) come from ``cfg.model`` and ``cfg.model_overrides``.
     """
     try:
@@ -111,9 +106,9 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     if positions in start and positions in own and start[positions].shape[0] != own[positions].shape[0]:
         start[positions] = resample_vision_positions(start[positions], model.encoder.cfg.grid_size)
     start = _grow_blocks(_grow_blocks(start, own, "encoder.blocks."), own, "decoder.blocks.")
-    for k in own:  # parts a model builds as no change start so, when the folder lacks them
-        if k.startswith(_NEUTRAL_AT_BUILD) and k not in start:
-            start[k] = own[k]
+    coords = "decoder.coord_proj.weight"
+    if coords in own and coords not in start:
+        start[coords] = torch.zeros_like(own[coords])
     if {k: v.shape for k, v in start.items()} != {k: v.shape for k, v in own.items()}:
         raise ValueError(f"init_from={cfg.init_from!r} holds another architecture than model={cfg.model} with its "
                          "model_overrides; start from a folder of the same model")
