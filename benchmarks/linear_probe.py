@@ -14,8 +14,8 @@ describe the image, not the expression. Chance is 1/6 for both.
 scenes, those with three candidates (objects of the named shape), read with their own expression;
 a linear scorer of the feature at each candidate's centre is fitted (softmax over the three) to
 pick the referent on 70% of the scenes and scored on the rest, for "closest to" and "farthest
-from" apart, beside how often the model's own mask holds most of its pixels on the referent.
-Chance is 1/3.
+from" apart, beside how often, on the same held-out scenes, the model's own mask holds most of its
+pixels on the referent. Chance is 1/3.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def _candidate_features(model, scenes: int) -> dict[str, tuple[dict[str, np.ndar
 
 def _probe(x: np.ndarray, y: np.ndarray, steps: int = 300) -> float:
     """Held-out accuracy of a linear classifier trained on the first 70% of the rows."""
-    x_t, train = _standardised(x)
+    train = first_70_percent(len(y))
+    x_t = _standardised(x, train)
     torch.manual_seed(0)
     head = torch.nn.Linear(x_t.shape[1], int(y.max()) + 1)
     return _fit(lambda: head(x_t), head, torch.tensor(y), train, steps)
@@ -107,17 +108,22 @@ def _pick_probe(x: np.ndarray, y: np.ndarray, steps: int = 300) -> float:
     """Held-out accuracy of one linear score per candidate, ``x`` (scenes, candidates, C), at picking
     candidate ``y`` of each scene (softmax over a scene's candidates), fitted on the first 70% of the scenes."""
     n, k, c = x.shape
-    x_t, train = _standardised(x.reshape(n * k, c))
+    train = first_70_percent(n)
+    x_t = _standardised(x.reshape(n * k, c), train.repeat_interleave(k))
     torch.manual_seed(0)
     head = torch.nn.Linear(c, 1)
-    return _fit(lambda: head(x_t).reshape(n, k), head, torch.tensor(y), train[::k], steps)
+    return _fit(lambda: head(x_t).reshape(n, k), head, torch.tensor(y), train, steps)
 
 
-def _standardised(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` as a tensor standardised with the statistics of its first 70% of rows, and that row mask."""
+def first_70_percent(n: int) -> torch.Tensor:
+    """The rows a probe is fitted on, of ``n``: the first 70%; it is scored on the others."""
+    return torch.arange(n) < int(0.7 * n)
+
+
+def _standardised(x: np.ndarray, train: torch.Tensor) -> torch.Tensor:
+    """``x`` as a tensor, standardised with the statistics of its ``train`` rows."""
     x_t = torch.tensor(x, dtype=torch.float32)
-    train = torch.arange(len(x_t)) < int(0.7 * len(x_t))
-    return (x_t - x_t[train].mean(0)) / (x_t[train].std(0) + 1e-5), train
+    return (x_t - x_t[train].mean(0)) / (x_t[train].std(0) + 1e-5)
 
 
 def _fit(logits, head: torch.nn.Module, y: torch.Tensor, train: torch.Tensor, steps: int) -> float:
@@ -145,8 +151,8 @@ def main() -> None:
         found = _candidate_features(model, args.scenes)
         print(f"{args.model}: relation scenes with 3 candidates among {args.scenes} val scenes; chance 1/3")
         for mode, (feats, referent, pick) in found.items():
-            held_out = np.arange(len(referent)) >= int(0.7 * len(referent))
-            own = float((pick == referent)[held_out].mean())
+            held_out = ~first_70_percent(len(referent)).numpy()
+            own = float((pick == referent)[held_out].mean())  # on the scenes the probes are scored on
             print(f"{mode}: {len(referent)} scenes; the model's own mask picks the referent {own:.3f}")
             for name, x in feats.items():
                 print(f"  {name:10} {_pick_probe(x, referent):6.3f}")
