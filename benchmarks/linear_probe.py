@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sharedris import Predictor, load_pretrained
-from sharedris.data.synthetic import COLOURS, SHAPES, SyntheticRefScenes
+from sharedris.data.synthetic import COLOURS, SHAPES, SyntheticRefScenes, relation_mode
 from sharedris.data.transforms import image_to_tensor
 from sharedris.text import Tokenizer
 
@@ -88,7 +88,7 @@ def _candidate_features(model, scenes: int) -> dict[str, tuple[dict[str, np.ndar
                      for name, f in maps.items()}
             mask = predictor.predict(sample["image"], sample["text"]).masks[0]
             pick = int(np.argmax([(mask & (sample["labels"] == k + 1)).sum() for k in candidates]))
-            mode = "far" if " from " in sample["text"] else "near"  # farthest / furthest / far from
+            mode = relation_mode(sample["text"])
             rows[mode].append((feats, candidates.index(target), pick))
     return {mode: ({name: np.stack([r[0][name] for r in found]) for name in found[0][0]},
                    np.array([r[1] for r in found]), np.array([r[2] for r in found]))

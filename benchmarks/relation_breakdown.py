@@ -30,7 +30,7 @@ import torch
 
 from sharedris import Predictor, load_pretrained
 from sharedris.data.registry import build_source
-from sharedris.data.synthetic import WORLDS, SyntheticRefScenes
+from sharedris.data.synthetic import WORLDS, SyntheticRefScenes, relation_mode
 from sharedris.train.config import load_train_config
 
 
@@ -77,7 +77,7 @@ def main() -> None:
             on = lambda ks: sum(int((pred & (labels == k + 1)).sum()) for k in ks) / max(int(pred.sum()), 1)  # noqa: E731
             gt = labels == target + 1
             iou = (pred & gt).sum() / max((pred | gt).sum(), 1)
-            mode = "far" if " from " in sample["text"] else "near"  # farthest / furthest / far from
+            mode = relation_mode(sample["text"])
             rows[f"{mode}, {len(others) + 1} candidates"].append(
                 (iou, on([target]), on(others), on([sample["anchor"]])))
     where = f"the last epoch of {args.recipe}" if args.recipe else f"{args.world}-world val"

@@ -32,8 +32,10 @@ from sharedris.data.synthetic import (
     STYLES,
     SyntheticRefScenes,
     SyntheticSample,
+    relation_mode,
     write_refer_format,
 )
+from sharedris.data.synthetic.phrases import POSITION_TEMPLATES, RELATION_TEMPLATES
 
 SIZE = 160
 PER_FAMILY = 24  # samples checked per family: enough to meet every template and direction often
@@ -529,3 +531,14 @@ def test_a_training_seed_draws_other_training_scenes_and_leaves_evaluation_alone
     for split in ("val", "test"):
         a, b = build_source(base, split, train=False), build_source(other, split, train=False)
         assert all(a[i]["text"] == b[i]["text"] and np.array_equal(a[i]["mask"], b[i]["mask"]) for i in range(6))
+
+
+def test_relation_mode_tells_every_relation_phrasing_s_mode_and_refuses_others():
+    words = dict(s="circle", c="red", ac="blue", **{"as": "square"})
+    for mode, templates in RELATION_TEMPLATES.items():
+        assert {relation_mode(t.format(**words)) for t in templates} == {mode}
+    with pytest.raises(ValueError, match="not a relation expression"):  # "furthest to the left" is a position
+        relation_mode(POSITION_TEMPLATES["left"][3].format(**words))
+    for world in ("flat", "varied"):  # every relation scene either world draws has a mode
+        scenes = SyntheticRefScenes("val", size=64, length=30, families=("relation",), world=world)
+        assert {relation_mode(scenes[i]["text"]) for i in range(len(scenes))} == {"near", "far"}

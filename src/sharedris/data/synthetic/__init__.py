@@ -38,6 +38,7 @@ from sharedris.data.synthetic.families import (
     SIZE_RATIO,
 )
 from sharedris.data.synthetic.geometry import COLOUR_JITTER, COLOURS, SHAPES
+from sharedris.data.synthetic.phrases import relation_mode
 from sharedris.data.synthetic.refer_format import write_refer_format
 from sharedris.data.synthetic.scene import NOISE, STYLES, WORLDS
 
@@ -58,5 +59,6 @@ __all__ = [
     "WORLDS",
     "SyntheticRefScenes",
     "SyntheticSample",
+    "relation_mode",
     "write_refer_format",
 ]

@@ -74,3 +74,13 @@ def phrasings(rng: np.random.Generator, templates: Sequence[str], **words: str) 
     """Fill templates, drop duplicates, and shuffle: the first is the sample's text."""
     texts = list(dict.fromkeys(t.format(**words) for t in templates))
     return [texts[i] for i in rng.permutation(len(texts))]
+
+
+def relation_mode(text: str) -> str:
+    """``"near"`` or ``"far"``: the mode of ``RELATION_TEMPLATES`` a relation expression was filled
+    from, told by the words between the referent's shape and the anchor ("closest to", "farthest
+    from", ...)."""
+    for mode, templates in RELATION_TEMPLATES.items():
+        if any(f" {t.split('{s} ')[1].split(' the {ac}')[0]} " in f" {text} " for t in templates):
+            return mode
+    raise ValueError(f"not a relation expression of the synthetic world: {text!r}")
