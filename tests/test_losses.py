@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharedris.losses import segmentation_loss
+from sharedris.losses import referring_loss, segmentation_loss
+from sharedris.modeling import SegmenterOutput
 
 
 def target_and_confident_logits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,3 +64,27 @@ def test_shape_mismatch_raises() -> None:
         segmentation_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4))
     with pytest.raises(ValueError, match="Bx1xHxW"):
         segmentation_loss(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))
+
+
+def test_the_anchor_term_scores_only_pairs_that_have_an_anchor() -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 1, 8, 8), (torch.rand(3, 1, 8, 8) > 0.5).float()
+    anchor_logits, anchors = torch.randn(3, 1, 8, 8), (torch.rand(3, 1, 8, 8) > 0.5).float()
+    has = torch.tensor([True, False, True])
+    plain = referring_loss(SegmenterOutput(logits), target)
+    terms = referring_loss(SegmenterOutput(logits, anchor_logits=anchor_logits), target, anchors, has, anchor_weight=0.5)
+    want = segmentation_loss(anchor_logits[has], anchors[has])["loss"]
+    assert torch.allclose(terms["anchor"], want)
+    assert torch.allclose(terms["loss"], plain["loss"] + 0.5 * want)
+    # what the pair without an anchor holds changes nothing
+    other = anchors.clone()
+    other[1] = 1 - other[1]
+    assert torch.equal(referring_loss(SegmenterOutput(logits, anchor_logits=anchor_logits), target, other, has)["anchor"],
+                       terms["anchor"])
+    # a batch without any anchor: a zero term that still reaches the anchor logits
+    anchor_logits.requires_grad_(True)
+    none = referring_loss(SegmenterOutput(logits, anchor_logits=anchor_logits), target, anchors, torch.zeros(3, dtype=torch.bool))
+    none["loss"].backward()
+    assert none["anchor"] == 0 and torch.allclose(none["loss"], plain["loss"]) and anchor_logits.grad is not None
+    with pytest.raises(ValueError, match="anchor masks"):
+        referring_loss(SegmenterOutput(logits, anchor_logits=anchor_logits), target)

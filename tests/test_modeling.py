@@ -17,7 +17,12 @@ from sharedris.modeling import (
     list_models,
     model_config,
 )
-from sharedris.modeling.decoder import coordinate_channels, corrected_soft_iou, soft_iou
+from sharedris.modeling.decoder import (
+    coordinate_channels,
+    corrected_soft_iou,
+    soft_iou,
+    squared_distance_from_centre,
+)
 from sharedris.modeling.fpn import ConvLevel, SharedLevel
 
 
@@ -59,7 +64,7 @@ def test_every_stage_has_the_documented_shapes(image_size, patch_size):
     with torch.no_grad():
         taps = model.encoder.forward_intermediates(image, ids, pad, cfg.taps)
         feats = model.fpn(taps, pad, g)
-        logits, presence, iou = model.decoder(feats.pixel, feats.mid, feats.text, pad)
+        logits, presence, iou, _ = model.decoder(feats.pixel, feats.mid, feats.text, pad)
         full = model(image, ids, pad).mask_logits
     assert [tuple(v.shape) for v, _ in taps] == [(B, 1 + g * g, D)] * 4
     assert feats.pixel.shape == (B, C, 4 * g, 4 * g)
@@ -79,7 +84,7 @@ def test_a_fine_level_doubles_the_pixel_resolution_and_sees_the_image(image_size
     with torch.no_grad():
         taps = model.encoder.forward_intermediates(image, ids, pad, cfg.taps)
         feats = model.fpn(taps, pad, g, image)
-        logits, presence, iou = model.decoder(feats.pixel, feats.mid, feats.text, pad)
+        logits, presence, iou, _ = model.decoder(feats.pixel, feats.mid, feats.text, pad)
         with pytest.raises(ValueError, match="pass the image"):
             model.fpn(taps, pad, g)
     assert feats.pixel.shape == (2, 8, 8 * g, 8 * g) and logits.shape == (2, 1, 8 * g, 8 * g)
@@ -179,6 +184,41 @@ def test_coordinate_features_start_as_no_change_and_let_the_query_add_a_function
     assert torch.allclose(after[0, 0] - before[0, 0], gain.expand(16, 16), atol=1e-4)
 
 
+def test_squared_distance_from_the_centre_of_a_mask_by_hand():
+    logits = torch.full((1, 2, 4), -30.0)
+    logits[0, 1, 3] = logits[0, 0, 3] = 30.0  # the right column: x 0.75, y -0.5 and 0.5
+    d2 = squared_distance_from_centre(logits)[0]  # centre (0.75, 0)
+    assert torch.allclose(d2[0], torch.tensor([2.25, 1.0, 0.25, 0.0]) + 0.25, atol=1e-5)
+    assert torch.allclose(d2, d2.flip(0))  # the centre sits between the two rows
+
+
+def test_anchor_point_starts_as_no_change_and_moves_logits_with_the_distance_from_the_anchor():
+    cfg = _small(decoder=dict(num_heads=2, anchor_point=True))
+    model, plain = build_model(cfg).eval(), build_model(_small()).eval()
+    loaded = plain.load_state_dict(model.state_dict(), strict=False)
+    assert {k.split(".")[1] for k in loaded.unexpected_keys} == {"anchor_mlp", "bowl_mlp"} and not loaded.missing_keys
+    image, ids, pad = _inputs(cfg)
+    with torch.no_grad():
+        out = model(image, ids, pad)
+        assert torch.equal(out.mask_logits, plain(image, ids, pad).mask_logits)
+    assert out.anchor_logits is None  # evaluation: only what answers need
+    # training: the anchor's logits at the input size, trained by the anchor's mask
+    out = model.train()(image, ids, pad)
+    assert out.anchor_logits.shape == (2, 1, cfg.image_size, cfg.image_size)
+    anchors = torch.zeros(2, 1, cfg.image_size, cfg.image_size)
+    anchors[:, :, 4:12, 40:56] = 1
+    referring_loss(out, anchors.flip(-1), anchors, torch.tensor([True, True]))["anchor"].backward()
+    assert model.decoder.anchor_mlp[0].weight.grad.abs().sum() > 0
+    # a weight a from the query adds 16 * a * (squared distance from the anchor mask's centre)
+    pixel, mid, text = torch.randn(2, 32, 16, 16), torch.randn(2, 32, 4, 4), torch.randn(2, 8, 32)
+    model.eval()
+    with torch.no_grad():
+        before, _, _, anchor = model.decoder(pixel, mid, text, pad)
+        model.decoder.bowl_mlp[-1].bias.fill_(0.25)
+        after = model.decoder(pixel, mid, text, pad)[0]
+    assert torch.allclose(after - before, 4 * squared_distance_from_centre(anchor[:, 0]).unsqueeze(1), atol=1e-4)
+
+
 def test_train_and_eval_return_the_same_type():
     cfg = _small()
     model = build_model(cfg)
@@ -187,7 +227,8 @@ def test_train_and_eval_return_the_same_type():
     with torch.no_grad():
         out_eval = model.eval()(image, ids, pad)
     assert type(out_train) is type(out_eval) is SegmenterOutput
-    assert out_train._fields == ("mask_logits", "presence_logits", "iou_pred")
+    assert out_train._fields == ("mask_logits", "presence_logits", "iou_pred", "anchor_logits")
+    assert out_train.anchor_logits is out_eval.anchor_logits is None  # without decoder.anchor_point
     assert type(out_eval.mask_logits) is type(out_eval.presence_logits) is type(out_eval.iou_pred) is torch.Tensor
     assert out_eval.presence_logits.shape == out_eval.iou_pred.shape == (2,)
     assert out_train.mask_logits.shape == out_eval.mask_logits.shape

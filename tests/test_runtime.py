@@ -73,10 +73,11 @@ def test_one_pair_at_the_text_length_runs_the_fixed_shape_model_and_the_rest_a_d
     assert torch.equal(again(*pair).mask_logits, compiled(*pair).mask_logits) and written == []
 
 
-def test_openvino_converts_coordinate_features():
-    model = tiny_model(coord_features=True).eval()
-    with torch.no_grad():
-        model.decoder.coord_proj.weight.normal_()  # trained weights: the map is not zero
+def test_openvino_converts_coordinate_features_and_the_anchor_point():
+    model = tiny_model(coord_features=True, anchor_point=True).eval()
+    with torch.no_grad():  # trained weights: the map and the anchor point's weight are not zero
+        model.decoder.coord_proj.weight.normal_()
+        model.decoder.bowl_mlp[-1].weight.normal_(std=0.1)
     g = torch.Generator().manual_seed(5)
     image, ids = torch.randn(2, 3, 64, 64, generator=g), torch.randint(4, 100, (2, 24), generator=g)
     pad = torch.zeros(2, 24, dtype=torch.bool)

@@ -32,6 +32,7 @@ from sharedris.data.synthetic import (
     STYLES,
     SyntheticRefScenes,
     SyntheticSample,
+    WORLDS,
     relation_mode,
     write_refer_format,
 )
@@ -542,3 +543,27 @@ def test_relation_mode_tells_every_relation_phrasing_s_mode_and_refuses_others()
     for world in ("flat", "varied"):  # every relation scene either world draws has a mode
         scenes = SyntheticRefScenes("val", size=64, length=30, families=("relation",), world=world)
         assert {relation_mode(scenes[i]["text"]) for i in range(len(scenes))} == {"near", "far"}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_training_items_carry_the_anchor_of_a_relation(world):
+    import torch
+
+    from sharedris.data.datasets import RISSamples, collate
+    from sharedris.data.transforms import mask_to_tensor
+
+    src = SyntheticRefScenes("train", size=64, length=6, families=("relation", "colour_shape", "no_target"),
+                             balanced=True, world=world)
+    items = RISSamples(src, 32, (0.5,) * 3, (0.5,) * 3, anchors=True)
+    batch = collate([items[i] for i in range(len(src))])
+    assert batch["has_anchor"].tolist() == [True, False, False] * 2
+    for i in range(len(src)):
+        sample, anchor = src[i], batch["anchor"][i]
+        assert anchor.shape == (1, 32, 32)
+        if sample["family"] == "relation":
+            own = mask_to_tensor(sample["labels"] == sample["anchor"] + 1, 32)
+            assert torch.equal(anchor, own) and anchor.any()
+            assert not (anchor.bool() & (batch["mask"][i] > 0.5)).any()  # the anchor is not the referent
+        else:
+            assert not anchor.any()
+    assert "anchor" not in RISSamples(src, 32, (0.5,) * 3, (0.5,) * 3)[0]  # only when asked for

@@ -352,17 +352,26 @@ def test_init_from_refuses_what_it_cannot_use(run_a, tmp_path):
     assert not any((tmp_path / name).exists() for name in ("e0", "e1", "f"))
 
 
-def test_init_from_into_a_decoder_with_coordinate_features_starts_them_at_zero(run_a, tmp_path):
+@pytest.mark.parametrize("setting, added, zero", [
+    ("coord_features", {"decoder.coord_proj.weight"}, lambda w: w["decoder.coord_proj.weight"]),
+    ("anchor_point", {f"decoder.{mlp}.{i}.{p}" for mlp in ("anchor_mlp", "bowl_mlp") for i in (0, 2)
+                      for p in ("weight", "bias")},
+     lambda w: torch.cat([w["decoder.bowl_mlp.2.weight"].flatten(), w["decoder.bowl_mlp.2.bias"]])),
+])
+def test_init_from_into_a_decoder_with_a_new_part_starts_it_as_no_change(run_a, tmp_path, setting, added, zero):
     _, run_a_dir = run_a
     start = load_pretrained(run_a_dir / "final").eval()
-    coords = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "coord_features": True}}
-    cfg = _cfg(tmp_path / "coords", epochs=1, init_from=str(run_a_dir / "final"), model_overrides=coords,
+    grown_model = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], setting: True}}
+    cfg = _cfg(tmp_path / setting, epochs=1, init_from=str(run_a_dir / "final"), model_overrides=grown_model,
                optim={"lr": 0.0})
-    grown = load_pretrained(train(cfg, device="cpu") / "final").eval()
-    assert grown.config.decoder.coord_features
+    run = train(cfg, device="cpu")
+    grown = load_pretrained(run / "final").eval()
+    assert getattr(grown.config.decoder, setting)
     weights = grown.state_dict()
-    assert set(weights) - set(start.state_dict()) == {"decoder.coord_proj.weight"}
-    assert not weights["decoder.coord_proj.weight"].any()
+    assert set(weights) - set(start.state_dict()) == added
+    assert not zero(weights).any()
+    if setting == "anchor_point":  # trained on the anchors of the scenes' relations: the term is logged
+        assert all("anchor" in json.loads(line) for line in (run / "log.jsonl").read_text().splitlines())
     torch.manual_seed(4)
     image, ids = torch.randn(2, 3, 64, 64), torch.randint(4, 500, (2, 12))
     with torch.no_grad():

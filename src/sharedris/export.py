@@ -4,7 +4,8 @@ Graph inputs, with batch B and text length L both dynamic:
     image              (B, 3, S, S) float32, normalized with the model's mean/std (S = image size)
     text_ids           (B, L) int64, from the model's tokenizer
     text_padding_mask  (B, L) bool, True = padding
-outputs (the fields of :class:`~sharedris.modeling.segmenter.SegmenterOutput`, in order):
+outputs (the fields of :class:`~sharedris.modeling.segmenter.SegmenterOutput` that a model in evaluation mode
+returns, in order):
     mask_logits        (B, 1, S, S) float32; logit > 0 (sigmoid > 0.5) is the mask
     presence_logits    (B,) float32; sigmoid is the probability that something matches the expression
     iou_pred           (B,) float32; the predicted IoU of the mask
@@ -28,10 +29,10 @@ import torch
 from torch import nn
 
 from sharedris.modeling.beit3 import POSITION_OFFSET
-from sharedris.modeling.segmenter import SegmenterOutput
+from sharedris.modeling.segmenter import INFERENCE_FIELDS
 
 INPUT_NAMES = ("image", "text_ids", "text_padding_mask")
-OUTPUT_NAMES = SegmenterOutput._fields  # one ONNX output per field, in order
+OUTPUT_NAMES = INFERENCE_FIELDS  # one ONNX output per field, in order
 _MAX_INLINE_BYTES = 1_800_000_000  # a protobuf holds at most 2 GB; above this, weights go to a .data file
 
 

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from sharedris.modeling.segmenter import SegmenterOutput
 
 
-def referring_loss(output: SegmenterOutput, target: torch.Tensor, *, bce_weight: float = 2.0,
+def referring_loss(output: SegmenterOutput, target: torch.Tensor, anchors: torch.Tensor | None = None,
+                   has_anchor: torch.Tensor | None = None, *, bce_weight: float = 2.0,
                    dice_weight: float = 0.5, presence_weight: float = 0.5,
-                   iou_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                   iou_weight: float = 1.0, anchor_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """The weighted sum of every term for a batch of model outputs.
 
     - mask: ``bce_weight * BCE + dice_weight * Dice`` (:func:`segmentation_loss`). An expression that
@@ -23,14 +24,19 @@ def referring_loss(output: SegmenterOutput, target: torch.Tensor, *, bce_weight:
     - presence (with a presence head): BCE of the presence logit against "the target is not empty".
     - iou (with an IoU head): squared error between the predicted IoU and the IoU of the model's own
       thresholded mask with the target, detached (1 when both are empty), as SAM trains its IoU head.
+    - anchor (with anchor logits, ``decoder.anchor_point``): the mask term of the anchor's logits
+      against ``anchors``, on the pairs whose ``has_anchor`` is True (relations); 0 when none is.
 
     Args:
         output: the model's output for a batch.
         target: ``Bx1xHxW`` or ``BxHxW`` ground-truth masks at the logits' resolution.
-        bce_weight, dice_weight, presence_weight, iou_weight: weights of the terms (``LossConfig``).
+        anchors: masks of each pair's anchor, shaped as ``target`` (needed with anchor logits).
+        has_anchor: (B,) bool, whether the pair's expression has an anchor (needed with anchor logits).
+        bce_weight, dice_weight, presence_weight, iou_weight, anchor_weight: weights of the terms
+            (``LossConfig``).
     Returns:
-        ``{"loss": weighted sum, "bce": ..., "dice": ..., "presence": ..., "iou": ...}`` (terms
-        unweighted, float32 scalars; a head's term only when the model has that head).
+        ``{"loss": weighted sum, "bce": ..., "dice": ..., "presence": ..., "iou": ..., "anchor": ...}``
+        (terms unweighted, float32 scalars; a head's term only when the model has that head).
     """
     terms = segmentation_loss(output.mask_logits, target, bce_weight, dice_weight)
     loss = terms["loss"]
@@ -47,6 +53,16 @@ def referring_loss(output: SegmenterOutput, target: torch.Tensor, *, bce_weight:
             real_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
             terms["iou"] = F.mse_loss(output.iou_pred.float(), real_iou)
             loss = loss + iou_weight * terms["iou"]
+    if output.anchor_logits is not None:
+        if anchors is None or has_anchor is None:
+            raise ValueError("a model with anchor logits (decoder.anchor_point) trains on anchor masks: "
+                             "pass anchors and has_anchor")
+        if has_anchor.any():
+            terms["anchor"] = segmentation_loss(output.anchor_logits[has_anchor], anchors[has_anchor],
+                                                bce_weight, dice_weight)["loss"]
+        else:  # still a term of the graph, so that every step's anchor head takes a (zero) gradient
+            terms["anchor"] = output.anchor_logits.float().sum() * 0
+        loss = loss + anchor_weight * terms["anchor"]
     terms["loss"] = loss
     return terms
 

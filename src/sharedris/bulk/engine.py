@@ -262,7 +262,7 @@ class _Run:
             self._write(self.open.popleft())
 
     def _write(self, job: _Job) -> None:
-        output = SegmenterOutput(*(torch.cat(parts) for parts in zip(*job.outputs)))
+        output = SegmenterOutput(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*job.outputs)))
         pred = self.predictor.postprocess(output, *job.size, texts=[job.row.texts[k] for k in job.pending])
         image = load_image(job.row.path) if self.save_png else None
         for n, k in enumerate(job.pending):

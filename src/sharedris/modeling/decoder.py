@@ -39,6 +39,15 @@ class DecoderConfig:
             logit <m, F> then holds a quadratic function of the position that the query chooses,
             such as a bowl around an anchor ("the circle closest to the triangle") or a ramp ("the
             leftmost star"), besides what the pixel features say. Off in the paper-sized models.
+        anchor_point: the query also marks the anchor of a relation (in "the circle farthest from
+            the triangle", the triangle) with a second mask embedding over the same pixel features;
+            that mask's centre of mass (its pixel probabilities as weights) is a point, and the mask
+            logit gains ``16 * a * d^2``, d the distance of each pixel from the point (coordinates
+            in [-1, 1] across the map) and a a signed number from the query (starting at zero:
+            positive for "farthest", negative for "closest"). Training supervises the anchor's mask
+            where the data names an anchor (:attr:`SegmenterOutput.anchor_logits`), so the point is
+            learned by itself rather than only through the ranking it serves. Off in the
+            paper-sized models.
         depth: number of Multiway blocks N_dec.
         num_heads: attention heads.
         mlp_ratio: FFN hidden width is ``width * mlp_ratio``.
@@ -51,6 +60,7 @@ class DecoderConfig:
     iou_head: bool = True
     iou_from_mask: bool = True
     coord_features: bool = False
+    anchor_point: bool = False
     mlp_ratio: float = 2.0
     eps: float = 1e-5
 
@@ -91,6 +101,11 @@ class MaskDecoder(nn.Module):
         self.coord_proj = nn.Linear(COORD_CHANNELS, Cp, bias=False) if cfg.coord_features else None
         if self.coord_proj is not None:
             nn.init.zeros_(self.coord_proj.weight)  # starts as no change to the pixel features
+        self.anchor_mlp = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, Cp)) if cfg.anchor_point else None
+        self.bowl_mlp = _head(C) if cfg.anchor_point else None
+        if self.bowl_mlp is not None:
+            nn.init.zeros_(self.bowl_mlp[-1].weight)  # starts as no change to the mask logits
+            nn.init.zeros_(self.bowl_mlp[-1].bias)
         # <m, F> sums Cp products: 1/sqrt(Cp) keeps the initial logits O(1), as in scaled attention.
         self.logit_scale = nn.Parameter(torch.tensor(Cp**-0.5))
         self.logit_bias = nn.Parameter(torch.zeros(()))
@@ -100,8 +115,9 @@ class MaskDecoder(nn.Module):
         return {"query_embed", "logit_scale", "logit_bias"}
 
     def forward(self, pixel: Tensor, mid: Tensor, text: Tensor,
-                text_padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Decode mask logits, and the presence logit and predicted IoU where the heads exist.
+                text_padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """Decode mask logits, the presence logit and predicted IoU where the heads exist, and the
+        anchor's mask logits with ``anchor_point``.
 
         Args:
             pixel: (B, Cp, h, w) pixel features F (4g x 4g, or 8g x 8g with a fine level).
@@ -111,7 +127,7 @@ class MaskDecoder(nn.Module):
         Returns:
             (B, 1, h, w) mask logits at the pixel-feature resolution; (B,) presence logits or None;
             (B,) predicted IoU (unbounded regression output), or with ``iou_from_mask`` the
-            correction for :func:`corrected_soft_iou`, or None.
+            correction for :func:`corrected_soft_iou`, or None; (B, 1, h, w) anchor mask logits or None.
         """
         B, C, g, _ = mid.shape
         query = self.query_proj(text[:, :1]) + self.query_embed  # (B, 1, C)
@@ -134,9 +150,18 @@ class MaskDecoder(nn.Module):
             h, w = pixel.shape[-2:]
             coords = self.coord_proj(coordinate_channels(h, w, pixel.device, pixel.dtype))  # (h, w, Cp)
             pixel = pixel + coords.permute(2, 0, 1).unsqueeze(0)
-        logits = torch.einsum("bc,bchw->bhw", m, pixel) * self.logit_scale + self.logit_bias  # (B, h, w)
+        logits = self._dot(m, pixel)  # (B, h, w)
+        anchor = None
+        if self.anchor_mlp is not None:
+            anchor = self._dot(self.anchor_mlp(q), pixel)  # (B, h, w)
+            logits = logits + 16 * self.bowl_mlp(q)[:, :, None] * squared_distance_from_centre(anchor)
+            anchor = anchor.unsqueeze(1)
         iou = self.iou_mlp(q)[:, 0] if self.iou_mlp is not None else None  # (B,)
-        return logits.unsqueeze(1), presence, iou
+        return logits.unsqueeze(1), presence, iou, anchor
+
+    def _dot(self, embedding: Tensor, pixel: Tensor) -> Tensor:
+        """(B, h, w) mask logits of a (B, Cp) mask embedding over (B, Cp, h, w) pixel features."""
+        return torch.einsum("bc,bchw->bhw", embedding, pixel) * self.logit_scale + self.logit_bias
 
 
 COORD_CHANNELS = 5
@@ -148,6 +173,23 @@ def coordinate_channels(h: int, w: int, device: torch.device, dtype: torch.dtype
     x = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * (2 / w) - 1
     yy, xx = torch.meshgrid(y, x, indexing="ij")
     return torch.stack([xx, yy, xx * xx, yy * yy, xx * yy], dim=-1).to(dtype)
+
+
+def squared_distance_from_centre(logits: Tensor) -> Tensor:
+    """(B, h, w) squared distance of each pixel from the centre of mass of ``sigmoid(logits)``.
+
+    Coordinates run from -1 to 1 across the map (:func:`coordinate_channels`); computed in float32.
+    The less probability a mask holds in all (below 1e-6), the nearer its centre is to the map's centre.
+
+    Args:
+        logits: (B, h, w) mask logits.
+    """
+    h, w = logits.shape[-2:]
+    coords = coordinate_channels(h, w, logits.device, torch.float32)[..., :2]  # (h, w, 2): x, y
+    p = torch.sigmoid(logits.float())
+    weights = p / p.sum(dim=(1, 2), keepdim=True).clamp(min=1e-6)
+    centre = torch.einsum("bhw,hwk->bk", weights, coords)  # (B, 2)
+    return ((coords[None] - centre[:, None, None]) ** 2).sum(-1).to(logits.dtype)
 
 
 def soft_iou(logits: Tensor) -> Tensor:

@@ -22,15 +22,22 @@ class SegmenterOutput(NamedTuple):
         a presence head.
     iou_pred: (B,) predicted IoU of the thresholded mask with the target (trained towards [0, 1]);
         None without an IoU head.
+    anchor_logits: (B, 1, H, W) mask logits of a relation's anchor, at the input size, with
+        ``decoder.anchor_point`` and in training mode only (the training loss reads them); None
+        otherwise. Exported graphs and runtimes return the other fields (:data:`INFERENCE_FIELDS`).
     """
 
     mask_logits: Tensor
     presence_logits: Tensor | None = None
     iou_pred: Tensor | None = None
+    anchor_logits: Tensor | None = None
 
     def rows(self, start: int, stop: int) -> "SegmenterOutput":
         """The pairs ``start:stop`` of the batch (an output the model lacks stays None)."""
         return SegmenterOutput(*(None if t is None else t[start:stop] for t in self))
+
+
+INFERENCE_FIELDS = ("mask_logits", "presence_logits", "iou_pred")  # what a model in evaluation mode can return
 
 
 class SharedRIS(nn.Module):
@@ -86,8 +93,12 @@ class SharedRIS(nn.Module):
         """
         taps = self.encoder.forward_intermediates(image, text_ids, text_padding_mask, self.taps)
         feats = self.fpn(taps, text_padding_mask, self.encoder.cfg.grid_size, image)
-        logits, presence, iou = self.decoder(feats.pixel, feats.mid, feats.text, text_padding_mask)  # (B, 1, 4g or 8g, same)
-        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        logits, presence, iou, anchor = self.decoder(feats.pixel, feats.mid, feats.text, text_padding_mask)
+        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, H, W)
         if iou is not None and self.decoder.cfg.iou_from_mask:  # the soft IoU of the mask as scored, full size
             iou = corrected_soft_iou(iou, logits[:, 0])
-        return SegmenterOutput(logits, presence, iou)
+        if anchor is not None and self.training:
+            anchor = F.interpolate(anchor, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        else:
+            anchor = None
+        return SegmenterOutput(logits, presence, iou, anchor)

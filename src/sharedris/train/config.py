@@ -27,13 +27,15 @@ class LossConfig:
     """Weights of the training loss terms (``sharedris.losses.referring_loss``).
 
     The mask term is ``bce_weight * BCE + dice_weight * Dice``; ``presence_weight`` weighs the
-    presence head's BCE (does anything match), ``iou_weight`` the IoU head's squared error.
+    presence head's BCE (does anything match), ``iou_weight`` the IoU head's squared error,
+    ``anchor_weight`` the mask term of a relation's anchor (models with ``decoder.anchor_point``).
     """
 
     bce_weight: float = 2.0
     dice_weight: float = 0.5
     presence_weight: float = 0.5
     iou_weight: float = 1.0
+    anchor_weight: float = 1.0
 
 
 @dataclass

@@ -85,6 +85,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_OPTIONAL_DECODER_PARTS = ("decoder.coord_proj.", "decoder.anchor_mlp.", "decoder.bowl_mlp.")
+
+
 def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Copy the weights of the model folder ``cfg.init_from`` into ``model``, except ``cfg.init_skip``.
 
@@ -92,8 +95,9 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     another input size takes the folder's vision positions resampled to its own token grid, an
     encoder or a mask decoder with more blocks than the folder's takes the folder's blocks first and
     starts each extra block as the identity (see :func:`_grow_blocks`), and a decoder with coordinate features
-    (``decoder.coord_features``) started from a folder without them takes its coordinate map at
-    zero, so that it answers as the folder's model; settings that hold no weights (e.g.
+    (``decoder.coord_features``: its coordinate map at zero) or an anchor point (``decoder.anchor_point``:
+    its weight a at zero, the anchor's mask embedding freshly initialised) started from a folder
+    without them answers as the folder's model; settings that hold no weights (e.g.
     ``decoder.iou_from_mask``) come from ``cfg.model`` and ``cfg.model_overrides``.
     """
     try:
@@ -106,9 +110,9 @@ def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> None:
     if positions in start and positions in own and start[positions].shape[0] != own[positions].shape[0]:
         start[positions] = resample_vision_positions(start[positions], model.encoder.cfg.grid_size)
     start = _grow_blocks(_grow_blocks(start, own, "encoder.blocks."), own, "decoder.blocks.")
-    coords = "decoder.coord_proj.weight"
-    if coords in own and coords not in start:
-        start[coords] = torch.zeros_like(own[coords])
+    for k in own:  # optional decoder parts, each built to start as no change to the answers
+        if k.startswith(_OPTIONAL_DECODER_PARTS) and k not in start:
+            start[k] = own[k]
     if {k: v.shape for k, v in start.items()} != {k: v.shape for k, v in own.items()}:
         raise ValueError(f"init_from={cfg.init_from!r} holds another architecture than model={cfg.model} with its "
                          "model_overrides; start from a folder of the same model")
@@ -260,7 +264,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, resuming: bool) -> _Run:
                          f"text embedding has {mcfg.encoder.vocab_size} rows")
 
     train_set = RISSamples(build_source(cfg.data, cfg.data.train_split, train=True),
-                           mcfg.image_size, mcfg.mean, mcfg.std)
+                           mcfg.image_size, mcfg.mean, mcfg.std, anchors=mcfg.decoder.anchor_point)
     # what the training expressions can say (None: an open vocabulary) travels with the weights
     model.vocabulary = getattr(train_set.source, "vocabulary", None)
     model.description = getattr(train_set.source, "description", None)
@@ -346,7 +350,8 @@ def _train_step(run: _Run, micro_batches: Sequence[dict[str, Any]]) -> tuple[dic
         with run.ddp.no_sync() if info.world > 1 and not sync else contextlib.nullcontext():
             with autocast_context(info.device, run.amp_dtype):
                 output = run.ddp(image, ids.to(info.device), pad.to(info.device))
-            losses = referring_loss(output, target, **to_dict(cfg.loss))
+            anchors = (batch["anchor"].to(info.device), batch["has_anchor"].to(info.device)) if "anchor" in batch else ()
+            losses = referring_loss(output, target, *anchors, **to_dict(cfg.loss))
             run.scaler.scale(losses["loss"] / cfg.grad_accum).backward()
         for name, value in losses.items():
             window[name] = window.get(name, 0.0) + value.detach()
