@@ -61,3 +61,37 @@ def test_every_far_phrasing_is_counted_as_far(tmp_path: Path, monkeypatch, capsy
     assert sum(int(r[3]) for r in rows) == 60
     # a whole-image mask: a small IoU, and its pixels on the target, the other candidates and the anchor
     assert all(0 < float(r[4]) < 0.5 and float(r[5]) > 0 and float(r[6]) > 0 and float(r[7]) > 0 for r in rows)
+
+
+def test_each_logit_term_is_what_the_logits_lose_without_it() -> None:
+    import torch
+    from _tiny_model import tiny_model
+
+    from sharedris.data.synthetic import SyntheticRefScenes
+    from sharedris.modeling.pretrained import resolve_tokenizer
+    from sharedris.text import Tokenizer
+
+    tokenizer = Tokenizer(resolve_tokenizer(tiny_model().config, None), max_len=tiny_model().config.text_len)
+    sample = SyntheticRefScenes("val", size=64, length=1, families=("relation",), world="varied")[0]
+    module = _script()
+    # the anchor's mask is read off pixel features that include the coordinate map: each term is
+    # taken away alone, the coordinates from a model without an anchor point
+    for name, settings in (("coordinates", {"coord_features": True}),
+                           ("anchor", {"coord_features": True, "anchor_point": True})):
+        model = tiny_model(**settings).eval()
+        with torch.no_grad():  # trained weights: neither term is zero
+            model.decoder.coord_proj.weight.normal_()
+            if name == "anchor":
+                model.decoder.bowl_mlp[-1].bias.fill_(0.3)
+            terms = module.logit_terms(model, tokenizer, sample)
+            assert set(terms) == set(module.TERMS) and terms[name].abs().max() > 0.1
+            weights = model.decoder.coord_proj.weight if name == "coordinates" else model.decoder.bowl_mlp[-1].bias
+            weights.zero_()
+            without = module.logit_terms(model, tokenizer, sample)
+        assert torch.allclose(terms["total"] - without["total"], terms[name], atol=1e-4)
+        assert torch.allclose(without["features"], terms["features"], atol=1e-4)  # the rest is unchanged
+    plain = tiny_model().eval()
+    with torch.no_grad():
+        terms = module.logit_terms(plain, tokenizer, sample)
+    assert terms["coordinates"] is None and terms["anchor"] is None
+    assert torch.allclose(terms["features"] + plain.decoder.logit_bias, terms["total"])
