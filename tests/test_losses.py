@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharedris.losses import referring_loss, segmentation_loss
+from sharedris.losses import RANK_TEMPERATURE, RelationTargets, ranking_loss, referring_loss, segmentation_loss
 from sharedris.modeling import SegmenterOutput
 
 
@@ -66,25 +66,62 @@ def test_shape_mismatch_raises() -> None:
         segmentation_loss(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))
 
 
+def _relations(has: torch.Tensor, anchors: torch.Tensor, candidates: torch.Tensor | None = None) -> RelationTargets:
+    if candidates is None:
+        candidates = torch.zeros(len(has), 3, *anchors.shape[-2:], dtype=torch.bool)
+    return RelationTargets(anchors, has, candidates)
+
+
 def test_the_anchor_term_scores_only_pairs_that_have_an_anchor() -> None:
     torch.manual_seed(0)
     logits, target = torch.randn(3, 1, 8, 8), (torch.rand(3, 1, 8, 8) > 0.5).float()
     anchor_logits, anchors = torch.randn(3, 1, 8, 8), (torch.rand(3, 1, 8, 8) > 0.5).float()
     has = torch.tensor([True, False, True])
     plain = referring_loss(SegmenterOutput(logits), target)
-    terms = referring_loss(SegmenterOutput(logits, anchor_logits=anchor_logits), target, anchors, has, anchor_weight=0.5)
+    with_anchor = SegmenterOutput(logits, anchor_logits=anchor_logits)
+    terms = referring_loss(with_anchor, target, _relations(has, anchors), anchor_weight=0.5)
     want = segmentation_loss(anchor_logits[has], anchors[has])["loss"]
-    assert torch.allclose(terms["anchor"], want)
+    assert torch.allclose(terms["anchor"], want) and "rank" not in terms
     assert torch.allclose(terms["loss"], plain["loss"] + 0.5 * want)
     # what the pair without an anchor holds changes nothing
     other = anchors.clone()
     other[1] = 1 - other[1]
-    assert torch.equal(referring_loss(SegmenterOutput(logits, anchor_logits=anchor_logits), target, other, has)["anchor"],
-                       terms["anchor"])
+    assert torch.equal(referring_loss(with_anchor, target, _relations(has, other))["anchor"], terms["anchor"])
     # a batch without any anchor: a zero term that still reaches the anchor logits
     anchor_logits.requires_grad_(True)
-    none = referring_loss(SegmenterOutput(logits, anchor_logits=anchor_logits), target, anchors, torch.zeros(3, dtype=torch.bool))
+    none = referring_loss(with_anchor, target, _relations(torch.zeros(3, dtype=torch.bool), anchors))
     none["loss"].backward()
     assert none["anchor"] == 0 and torch.allclose(none["loss"], plain["loss"]) and anchor_logits.grad is not None
-    with pytest.raises(ValueError, match="anchor masks"):
-        referring_loss(SegmenterOutput(logits, anchor_logits=anchor_logits), target)
+    with pytest.raises(ValueError, match="pass relations"):
+        referring_loss(with_anchor, target)
+    with pytest.raises(ValueError, match="pass relations"):
+        referring_loss(SegmenterOutput(logits), target, rank_weight=1.0)
+
+
+def test_the_ranking_term_by_hand() -> None:
+    candidates = torch.zeros(3, 4, 2, 4, dtype=torch.bool)
+    candidates[:, 0, :, 0] = True  # the referent: column 0
+    candidates[:, 1, :, 1:3] = True  # another candidate: columns 1-2
+    candidates[0, 2, 0, 3] = True  # a third, in pair 0 only; slot 3 stays empty (padding)
+    logits = torch.zeros(3, 1, 2, 4)
+    logits[:, 0, :, 0] = 8.0
+    logits[:, 0, 0, 1:3] = 4.0  # candidate 1: 4, 4, 0, 0, mean 2
+    logits[:, 0, 0, 3] = 12.0
+    has = torch.tensor([True, True, False])
+    got = ranking_loss(logits, _relations(has, torch.zeros(3, 1, 2, 4), candidates))
+    t = RANK_TEMPERATURE
+    pair0 = -torch.log_softmax(torch.tensor([8.0, 2.0, 12.0]) / t, 0)[0]  # the empty slot takes no share
+    pair1 = -torch.log_softmax(torch.tensor([8.0, 2.0]) / t, 0)[0]
+    assert torch.allclose(got, (pair0 + pair1) / 2)  # pair 2 has no anchor: not scored
+    terms = referring_loss(SegmenterOutput(logits), torch.zeros(3, 1, 2, 4), _relations(has, torch.zeros(3, 1, 2, 4),
+                                                                                        candidates), rank_weight=0.25)
+    assert torch.allclose(terms["rank"], got)
+    assert torch.allclose(terms["loss"], referring_loss(SegmenterOutput(logits), torch.zeros(3, 1, 2, 4))["loss"] + 0.25 * got)
+    # a referent lost at this resolution, or alone: nothing to rank, a zero term that reaches the logits
+    alone = candidates.clone()
+    alone[1, 0] = False
+    alone[0, 1:] = False
+    logits.requires_grad_(True)
+    zero = ranking_loss(logits, _relations(has, torch.zeros(3, 1, 2, 4), alone))
+    zero.backward()
+    assert zero == 0 and logits.grad is not None

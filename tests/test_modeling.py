@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sharedris.losses import referring_loss, segmentation_loss
+from sharedris.losses import RelationTargets, referring_loss, segmentation_loss
 from sharedris.modeling import (
     FPNConfig,
     MaskDecoder,
@@ -207,7 +207,8 @@ def test_anchor_point_starts_as_no_change_and_moves_logits_with_the_distance_fro
     assert out.anchor_logits.shape == (2, 1, cfg.image_size, cfg.image_size)
     anchors = torch.zeros(2, 1, cfg.image_size, cfg.image_size)
     anchors[:, :, 4:12, 40:56] = 1
-    referring_loss(out, anchors.flip(-1), anchors, torch.tensor([True, True]))["anchor"].backward()
+    relations = RelationTargets(anchors, torch.tensor([True, True]), torch.zeros(2, 2, *anchors.shape[-2:], dtype=torch.bool))
+    referring_loss(out, anchors.flip(-1), relations)["anchor"].backward()
     assert model.decoder.anchor_mlp[0].weight.grad.abs().sum() > 0
     # a weight a from the query adds 16 * a * (squared distance from the anchor mask's centre)
     pixel, mid, text = torch.randn(2, 32, 16, 16), torch.randn(2, 32, 4, 4), torch.randn(2, 8, 32)

@@ -546,24 +546,30 @@ def test_relation_mode_tells_every_relation_phrasing_s_mode_and_refuses_others()
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_training_items_carry_the_anchor_of_a_relation(world):
+def test_training_items_carry_the_anchor_and_candidates_of_a_relation(world):
     import torch
 
-    from sharedris.data.datasets import RISSamples, collate
+    from sharedris.data.datasets import MAX_CANDIDATES, RISSamples, collate
     from sharedris.data.transforms import mask_to_tensor
 
     src = SyntheticRefScenes("train", size=64, length=6, families=("relation", "colour_shape", "no_target"),
                              balanced=True, world=world)
-    items = RISSamples(src, 32, (0.5,) * 3, (0.5,) * 3, anchors=True)
+    items = RISSamples(src, 32, (0.5,) * 3, (0.5,) * 3, relations=True)
     batch = collate([items[i] for i in range(len(src))])
     assert batch["has_anchor"].tolist() == [True, False, False] * 2
+    assert batch["anchors"].shape == (6, 1, 32, 32) and batch["candidates"].shape == (6, MAX_CANDIDATES, 32, 32)
     for i in range(len(src)):
-        sample, anchor = src[i], batch["anchor"][i]
-        assert anchor.shape == (1, 32, 32)
+        sample, anchor, candidates = src[i], batch["anchors"][i], batch["candidates"][i]
         if sample["family"] == "relation":
-            own = mask_to_tensor(sample["labels"] == sample["anchor"] + 1, 32)
-            assert torch.equal(anchor, own) and anchor.any()
+            labels, objects, target = sample["labels"], sample["objects"], sample["target"]
+            assert torch.equal(anchor, mask_to_tensor(labels == sample["anchor"] + 1, 32)) and anchor.any()
             assert not (anchor.bool() & (batch["mask"][i] > 0.5)).any()  # the anchor is not the referent
+            assert torch.equal(candidates[0], batch["mask"][i, 0] > 0.5)  # the referent first
+            same = [k for k, o in enumerate(objects) if o["shape"] == objects[target]["shape"] and k != target]
+            assert len(same) >= 1
+            for slot, k in enumerate(same, start=1):
+                assert torch.equal(candidates[slot], mask_to_tensor(labels == k + 1, 32)[0] > 0.5)
+            assert not candidates[len(same) + 1:].any()
         else:
-            assert not anchor.any()
+            assert not anchor.any() and not candidates.any()
     assert "anchor" not in RISSamples(src, 32, (0.5,) * 3, (0.5,) * 3)[0]  # only when asked for

@@ -10,13 +10,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from typing import NamedTuple
+
 from sharedris.modeling.segmenter import SegmenterOutput
 
 
-def referring_loss(output: SegmenterOutput, target: torch.Tensor, anchors: torch.Tensor | None = None,
-                   has_anchor: torch.Tensor | None = None, *, bce_weight: float = 2.0,
-                   dice_weight: float = 0.5, presence_weight: float = 0.5,
-                   iou_weight: float = 1.0, anchor_weight: float = 1.0) -> dict[str, torch.Tensor]:
+class RelationTargets(NamedTuple):
+    """What a batch's relation expressions ("the circle farthest from the purple triangle") add to
+    the training targets, for ``loss.anchor_weight`` and ``loss.rank_weight``.
+
+    anchors: (B, 1, H, W) float, the mask of each pair's anchor (empty without one).
+    has_anchor: (B,) bool, whether the pair's expression is a relation with an anchor.
+    candidates: (B, K, H, W) bool, the objects the expression chooses between (those of the
+        referent's shape), the referent first; empty masks pad the rest.
+    """
+
+    anchors: torch.Tensor
+    has_anchor: torch.Tensor
+    candidates: torch.Tensor
+
+
+RANK_TEMPERATURE = 4.0  # mask logits per nat of the ranking term: a candidate 16 logits above another is 4 nats
+
+
+def referring_loss(output: SegmenterOutput, target: torch.Tensor, relations: RelationTargets | None = None, *,
+                   bce_weight: float = 2.0, dice_weight: float = 0.5, presence_weight: float = 0.5,
+                   iou_weight: float = 1.0, anchor_weight: float = 1.0,
+                   rank_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """The weighted sum of every term for a batch of model outputs.
 
     - mask: ``bce_weight * BCE + dice_weight * Dice`` (:func:`segmentation_loss`). An expression that
@@ -25,18 +45,23 @@ def referring_loss(output: SegmenterOutput, target: torch.Tensor, anchors: torch
     - iou (with an IoU head): squared error between the predicted IoU and the IoU of the model's own
       thresholded mask with the target, detached (1 when both are empty), as SAM trains its IoU head.
     - anchor (with anchor logits, ``decoder.anchor_point``): the mask term of the anchor's logits
-      against ``anchors``, on the pairs whose ``has_anchor`` is True (relations); 0 when none is.
+      against ``relations.anchors``, on the pairs whose ``has_anchor`` is True; 0 when none is.
+    - rank (with ``rank_weight`` > 0): on the relation pairs, cross-entropy of picking the referent
+      among ``relations.candidates`` by each candidate's mean mask logit (divided by
+      :data:`RANK_TEMPERATURE`): the decision a relation asks for, scored once per expression
+      rather than per pixel.
 
     Args:
         output: the model's output for a batch.
         target: ``Bx1xHxW`` or ``BxHxW`` ground-truth masks at the logits' resolution.
-        anchors: masks of each pair's anchor, shaped as ``target`` (needed with anchor logits).
-        has_anchor: (B,) bool, whether the pair's expression has an anchor (needed with anchor logits).
-        bce_weight, dice_weight, presence_weight, iou_weight, anchor_weight: weights of the terms
-            (``LossConfig``).
+        relations: the batch's :class:`RelationTargets`, at the logits' resolution (needed with anchor
+            logits or ``rank_weight`` > 0).
+        bce_weight, dice_weight, presence_weight, iou_weight, anchor_weight, rank_weight: weights
+            of the terms (``LossConfig``).
     Returns:
-        ``{"loss": weighted sum, "bce": ..., "dice": ..., "presence": ..., "iou": ..., "anchor": ...}``
-        (terms unweighted, float32 scalars; a head's term only when the model has that head).
+        ``{"loss": weighted sum, "bce": ..., "dice": ..., "presence": ..., "iou": ..., "anchor": ...,
+        "rank": ...}`` (terms unweighted, float32 scalars; a head's term only when the model has
+        that head, ``rank`` only with ``rank_weight`` > 0).
     """
     terms = segmentation_loss(output.mask_logits, target, bce_weight, dice_weight)
     loss = terms["loss"]
@@ -53,18 +78,44 @@ def referring_loss(output: SegmenterOutput, target: torch.Tensor, anchors: torch
             real_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
             terms["iou"] = F.mse_loss(output.iou_pred.float(), real_iou)
             loss = loss + iou_weight * terms["iou"]
+    if (output.anchor_logits is not None or rank_weight > 0) and relations is None:
+        raise ValueError("a model with anchor logits (decoder.anchor_point) or a loss with rank_weight > 0 "
+                         "trains on the relations' anchors and candidates: pass relations")
     if output.anchor_logits is not None:
-        if anchors is None or has_anchor is None:
-            raise ValueError("a model with anchor logits (decoder.anchor_point) trains on anchor masks: "
-                             "pass anchors and has_anchor")
-        if has_anchor.any():
-            terms["anchor"] = segmentation_loss(output.anchor_logits[has_anchor], anchors[has_anchor],
+        has = relations.has_anchor
+        if has.any():
+            terms["anchor"] = segmentation_loss(output.anchor_logits[has], relations.anchors[has],
                                                 bce_weight, dice_weight)["loss"]
         else:  # still a term of the graph, so that every step's anchor head takes a (zero) gradient
             terms["anchor"] = output.anchor_logits.float().sum() * 0
         loss = loss + anchor_weight * terms["anchor"]
+    if rank_weight > 0:
+        terms["rank"] = ranking_loss(output.mask_logits, relations)
+        loss = loss + rank_weight * terms["rank"]
     terms["loss"] = loss
     return terms
+
+
+def ranking_loss(logits: torch.Tensor, relations: RelationTargets) -> torch.Tensor:
+    """Mean cross-entropy of picking the referent (candidate 0) by the candidates' mean mask logits.
+
+    Scored on the pairs with an anchor whose referent and at least one other candidate keep pixels
+    at this resolution; 0 (still reaching the logits) when there is none. Float32.
+
+    Args:
+        logits: (B, 1, H, W) mask logits.
+        relations: the batch's :class:`RelationTargets`, at the logits' resolution.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        cand = relations.candidates.float()  # (B, K, H, W)
+        area = cand.sum(dim=(2, 3))  # (B, K)
+        means = (cand * logits.float()).sum(dim=(2, 3)) / area.clamp(min=1)  # (B, K)
+        valid = area > 0
+        used = relations.has_anchor & valid[:, 0] & (valid.sum(dim=1) >= 2)
+        if not used.any():
+            return logits.float().sum() * 0
+        scores = (means / RANK_TEMPERATURE).masked_fill(~valid, float("-inf"))[used]
+        return F.cross_entropy(scores, torch.zeros(len(scores), dtype=torch.long, device=logits.device))
 
 
 def segmentation_loss(

@@ -28,7 +28,9 @@ class LossConfig:
 
     The mask term is ``bce_weight * BCE + dice_weight * Dice``; ``presence_weight`` weighs the
     presence head's BCE (does anything match), ``iou_weight`` the IoU head's squared error,
-    ``anchor_weight`` the mask term of a relation's anchor (models with ``decoder.anchor_point``).
+    ``anchor_weight`` the mask term of a relation's anchor (models with ``decoder.anchor_point``),
+    ``rank_weight`` the ranking of a relation's candidates by the mask (0 = off;
+    ``sharedris.losses.ranking_loss``).
     """
 
     bce_weight: float = 2.0
@@ -36,6 +38,7 @@ class LossConfig:
     presence_weight: float = 0.5
     iou_weight: float = 1.0
     anchor_weight: float = 1.0
+    rank_weight: float = 0.0
 
 
 @dataclass

@@ -22,7 +22,7 @@ from sharedris.data.datasets import RISSamples, collate
 from sharedris.data.registry import build_source
 from sharedris.devices import keep_freed_memory
 from sharedris.evaluate import evaluate
-from sharedris.losses import referring_loss
+from sharedris.losses import RelationTargets, referring_loss
 from sharedris.modeling.pretrained import PretrainedError, read_checkpoint, resolve_tokenizer, save_pretrained
 from sharedris.modeling.beit3 import resample_vision_positions
 from sharedris.modeling.registry import build_model, model_config
@@ -264,7 +264,8 @@ def _setup(cfg: TrainConfig, info: DistInfo, resuming: bool) -> _Run:
                          f"text embedding has {mcfg.encoder.vocab_size} rows")
 
     train_set = RISSamples(build_source(cfg.data, cfg.data.train_split, train=True),
-                           mcfg.image_size, mcfg.mean, mcfg.std, anchors=mcfg.decoder.anchor_point)
+                           mcfg.image_size, mcfg.mean, mcfg.std,
+                           relations=mcfg.decoder.anchor_point or cfg.loss.rank_weight > 0)
     # what the training expressions can say (None: an open vocabulary) travels with the weights
     model.vocabulary = getattr(train_set.source, "vocabulary", None)
     model.description = getattr(train_set.source, "description", None)
@@ -350,8 +351,9 @@ def _train_step(run: _Run, micro_batches: Sequence[dict[str, Any]]) -> tuple[dic
         with run.ddp.no_sync() if info.world > 1 and not sync else contextlib.nullcontext():
             with autocast_context(info.device, run.amp_dtype):
                 output = run.ddp(image, ids.to(info.device), pad.to(info.device))
-            anchors = (batch["anchor"].to(info.device), batch["has_anchor"].to(info.device)) if "anchor" in batch else ()
-            losses = referring_loss(output, target, *anchors, **to_dict(cfg.loss))
+            relations = RelationTargets(*(batch[k].to(info.device) for k in RelationTargets._fields)) \
+                if "anchors" in batch else None
+            losses = referring_loss(output, target, relations, **to_dict(cfg.loss))
             run.scaler.scale(losses["loss"] / cfg.grad_accum).backward()
         for name, value in losses.items():
             window[name] = window.get(name, 0.0) + value.detach()
