@@ -41,7 +41,6 @@ from sharedris import Predictor, load_pretrained
 from sharedris.data.registry import build_source
 from sharedris.data.synthetic import WORLDS, SyntheticRefScenes, relation_mode
 from sharedris.data.transforms import image_to_tensor
-from sharedris.modeling.decoder import coordinate_channels, squared_distance_from_centre
 from sharedris.text import Tokenizer
 from sharedris.train.config import load_train_config
 
@@ -72,27 +71,36 @@ def relation_scenes(n: int, size: int, world: str = "flat", recipe: str | None =
 
 def logit_terms(model: torch.nn.Module, tokenizer: Tokenizer, sample: dict[str, Any]) -> dict[str, torch.Tensor | None]:
     """The decoder's mask logits for ``sample`` split into :data:`TERMS`, (h, w) each at the decoder's
-    resolution (None for a term the model lacks)."""
+    resolution (None for a term the model lacks).
+
+    Each term is what the logits lose when it is taken away: first the anchor point's (its weight a
+    set to zero), then, from what is left, the coordinate map's (its output set to zero); the
+    features' term is the rest less the constant bias.
+    """
     cfg, decoder, seen = model.config, model.decoder, {}
-    hooks = [decoder.mask_mlp.register_forward_hook(lambda mod, args, out: seen.update(m=out[0])),
-             decoder.register_forward_hook(lambda mod, args, out: seen.update(total=out[0][0, 0], anchor=out[3]))]
-    if decoder.bowl_mlp is not None:
-        hooks.append(decoder.bowl_mlp.register_forward_hook(lambda mod, args, out: seen.update(a=out[0, 0])))
+    ids, pad = tokenizer([sample["text"]])
+    image = image_to_tensor(sample["image"], cfg.image_size, cfg.mean, cfg.std)[None]
+    hooks = [decoder.register_forward_hook(lambda mod, args, out: seen.update(logits=out[0][0, 0].float()))]
+
+    def logits() -> torch.Tensor:
+        model(image, ids, pad)
+        return seen["logits"]
+
+    def zero(module: torch.nn.Module) -> None:
+        hooks.append(module.register_forward_hook(lambda mod, args, out: torch.zeros_like(out)))
+
     try:
-        ids, pad = tokenizer([sample["text"]])
-        model(image_to_tensor(sample["image"], cfg.image_size, cfg.mean, cfg.std)[None], ids, pad)
+        rest = logits()
+        terms: dict[str, torch.Tensor | None] = {"total": rest, "coordinates": None, "anchor": None}
+        for name, part in (("anchor", decoder.bowl_mlp), ("coordinates", decoder.coord_proj)):
+            if part is not None:
+                zero(part)
+                without = logits()
+                terms[name], rest = rest - without, without
     finally:
         for hook in hooks:
             hook.remove()
-    total = seen["total"].float()
-    terms: dict[str, torch.Tensor | None] = {"total": total, "coordinates": None, "anchor": None}
-    if decoder.coord_proj is not None:
-        coords = decoder.coord_proj(coordinate_channels(*total.shape, total.device, torch.float32))  # (h, w, Cp)
-        terms["coordinates"] = (coords @ seen["m"].float()) * decoder.logit_scale
-    if seen["anchor"] is not None:
-        terms["anchor"] = 16 * seen["a"] * squared_distance_from_centre(seen["anchor"][:, 0])[0].float()
-    terms["features"] = total - decoder.logit_bias - sum(t for t in (terms["coordinates"], terms["anchor"])
-                                                         if t is not None)
+    terms["features"] = rest - decoder.logit_bias
     return terms
 
 

@@ -18,6 +18,7 @@ from sharedris.modeling import (
     model_config,
 )
 from sharedris.modeling.decoder import (
+    _within_mask,
     coordinate_channels,
     corrected_soft_iou,
     soft_iou,
@@ -218,6 +219,24 @@ def test_anchor_point_starts_as_no_change_and_moves_logits_with_the_distance_fro
         model.decoder.bowl_mlp[-1].bias.fill_(0.25)
         after = model.decoder(pixel, mid, text, pad)[0]
     assert torch.allclose(after - before, 4 * squared_distance_from_centre(anchor[:, 0]).unsqueeze(1), atol=1e-4)
+
+
+def test_a_gated_anchor_term_moves_only_what_the_mask_holds_about_its_mean():
+    logits = torch.full((1, 4, 4), -40.0)
+    logits[0, 0, :2] = logits[0, 3, 3] = 40.0  # the mask: three pixels
+    values = torch.arange(16.0).reshape(1, 4, 4)
+    got = _within_mask(values, logits)
+    held = torch.tensor([0.0, 1.0, 15.0])
+    assert torch.allclose(got[0, 0, :2], held[:2] - held.mean()) and torch.allclose(got[0, 3, 3], held[2] - held.mean())
+    assert got.abs().sum() - got[0, 0, :2].abs().sum() - got[0, 3, 3].abs() < 1e-6  # the rest: nothing
+    with pytest.raises(ValueError, match="anchor_point too"):
+        _small(decoder=dict(num_heads=2, anchor_gated=True))
+    cfg = _small(decoder=dict(num_heads=2, anchor_point=True, anchor_gated=True))
+    model, plain = build_model(cfg).eval(), build_model(_small()).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    image, ids, pad = _inputs(cfg)
+    with torch.no_grad():  # a weight a of zero: no change
+        assert torch.equal(model(image, ids, pad).mask_logits, plain(image, ids, pad).mask_logits)
 
 
 def test_train_and_eval_return_the_same_type():

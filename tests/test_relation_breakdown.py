@@ -63,35 +63,50 @@ def test_every_far_phrasing_is_counted_as_far(tmp_path: Path, monkeypatch, capsy
     assert all(0 < float(r[4]) < 0.5 and float(r[5]) > 0 and float(r[6]) > 0 and float(r[7]) > 0 for r in rows)
 
 
-def test_each_logit_term_is_what_the_logits_lose_without_it() -> None:
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_logit_terms_are_the_decoder_s_own(gated) -> None:
     import torch
     from _tiny_model import tiny_model
 
     from sharedris.data.synthetic import SyntheticRefScenes
+    from sharedris.modeling.decoder import _within_mask, coordinate_channels, squared_distance_from_centre
     from sharedris.modeling.pretrained import resolve_tokenizer
     from sharedris.text import Tokenizer
 
-    tokenizer = Tokenizer(resolve_tokenizer(tiny_model().config, None), max_len=tiny_model().config.text_len)
+    model = tiny_model(coord_features=True, anchor_point=True, anchor_gated=gated).eval()
+    decoder = model.decoder
+    with torch.no_grad():  # trained weights: neither term is zero
+        decoder.coord_proj.weight.normal_()
+        decoder.bowl_mlp[-1].bias.fill_(0.3)
+    tokenizer = Tokenizer(resolve_tokenizer(model.config, None), max_len=model.config.text_len)
     sample = SyntheticRefScenes("val", size=64, length=1, families=("relation",), world="varied")[0]
-    module = _script()
-    # the anchor's mask is read off pixel features that include the coordinate map: each term is
-    # taken away alone, the coordinates from a model without an anchor point
-    for name, settings in (("coordinates", {"coord_features": True}),
-                           ("anchor", {"coord_features": True, "anchor_point": True})):
-        model = tiny_model(**settings).eval()
-        with torch.no_grad():  # trained weights: neither term is zero
-            model.decoder.coord_proj.weight.normal_()
-            if name == "anchor":
-                model.decoder.bowl_mlp[-1].bias.fill_(0.3)
-            terms = module.logit_terms(model, tokenizer, sample)
-            assert set(terms) == set(module.TERMS) and terms[name].abs().max() > 0.1
-            weights = model.decoder.coord_proj.weight if name == "coordinates" else model.decoder.bowl_mlp[-1].bias
-            weights.zero_()
-            without = module.logit_terms(model, tokenizer, sample)
-        assert torch.allclose(terms["total"] - without["total"], terms[name], atol=1e-4)
-        assert torch.allclose(without["features"], terms["features"], atol=1e-4)  # the rest is unchanged
+    seen = {}
+    decoder.mask_mlp.register_forward_hook(lambda mod, args, out: seen.update(m=out[0]))
+    decoder.bowl_mlp.register_forward_hook(lambda mod, args, out: seen.update(a=out[0, 0]))
+    decoder.register_forward_hook(lambda mod, args, out: seen.update(total=out[0][0, 0], anchor=out[3]))
+    with torch.no_grad():
+        terms = _script().logit_terms(model, tokenizer, sample)
+        model(*_inputs_of(model, tokenizer, sample))  # once more, for the hooks above
+        # the two terms written out from the decoder's parts
+        coords = (decoder.coord_proj(coordinate_channels(*seen["total"].shape, torch.device("cpu"), torch.float32))
+                  @ seen["m"]) * decoder.logit_scale
+        d2 = squared_distance_from_centre(seen["anchor"][:, 0])
+    if gated:  # the gate reads the logits before the term: the features' and the coordinates' sum
+        d2 = _within_mask(d2, (terms["features"] + terms["coordinates"] + decoder.logit_bias)[None])
+    assert torch.allclose(terms["coordinates"], coords, atol=1e-4)
+    assert torch.allclose(terms["anchor"], 16 * seen["a"] * d2[0], atol=1e-4) and terms["anchor"].abs().max() > 0.05
+    assert torch.allclose(terms["features"] + terms["coordinates"] + terms["anchor"] + decoder.logit_bias,
+                          seen["total"], atol=1e-5)
     plain = tiny_model().eval()
     with torch.no_grad():
-        terms = module.logit_terms(plain, tokenizer, sample)
+        terms = _script().logit_terms(plain, tokenizer, sample)
     assert terms["coordinates"] is None and terms["anchor"] is None
     assert torch.allclose(terms["features"] + plain.decoder.logit_bias, terms["total"])
+
+
+def _inputs_of(model, tokenizer, sample):
+    from sharedris.data.transforms import image_to_tensor
+
+    cfg = model.config
+    ids, pad = tokenizer([sample["text"]])
+    return image_to_tensor(sample["image"], cfg.image_size, cfg.mean, cfg.std)[None], ids, pad

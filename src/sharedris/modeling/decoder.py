@@ -48,6 +48,11 @@ class DecoderConfig:
             where the data names an anchor (:attr:`SegmenterOutput.anchor_logits`), so the point is
             learned by itself rather than only through the ranking it serves. Off in the
             paper-sized models.
+        anchor_gated: with ``anchor_point``, the term applies only where the mask already is, and
+            about its mean there: ``16 * a * p * (d^2 - mean_p d^2)``, p the mask's own probability
+            before the term (not trained through) and mean_p the p-weighted mean. It then moves
+            the candidates the mask holds against one another and leaves the background as the
+            pixel features put it.
         depth: number of Multiway blocks N_dec.
         num_heads: attention heads.
         mlp_ratio: FFN hidden width is ``width * mlp_ratio``.
@@ -61,12 +66,15 @@ class DecoderConfig:
     iou_from_mask: bool = True
     coord_features: bool = False
     anchor_point: bool = False
+    anchor_gated: bool = False
     mlp_ratio: float = 2.0
     eps: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.depth < 1:
             raise ValueError(f"decoder.depth must be at least 1 (the query must see the image), got {self.depth}")
+        if self.anchor_gated and not self.anchor_point:
+            raise ValueError("decoder.anchor_gated shapes the anchor point's term: set decoder.anchor_point too")
 
 
 class MaskDecoder(nn.Module):
@@ -154,7 +162,10 @@ class MaskDecoder(nn.Module):
         anchor = None
         if self.anchor_mlp is not None:
             anchor = self._dot(self.anchor_mlp(q), pixel)  # (B, h, w)
-            logits = logits + 16 * self.bowl_mlp(q)[:, :, None] * squared_distance_from_centre(anchor)
+            d2 = squared_distance_from_centre(anchor)
+            if self.cfg.anchor_gated:
+                d2 = _within_mask(d2, logits)
+            logits = logits + 16 * self.bowl_mlp(q)[:, :, None] * d2
             anchor = anchor.unsqueeze(1)
         iou = self.iou_mlp(q)[:, 0] if self.iou_mlp is not None else None  # (B,)
         return logits.unsqueeze(1), presence, iou, anchor
@@ -190,6 +201,14 @@ def squared_distance_from_centre(logits: Tensor) -> Tensor:
     weights = p / p.sum(dim=(1, 2), keepdim=True).clamp(min=1e-6)
     centre = torch.einsum("bhw,hwk->bk", weights, coords)  # (B, 2)
     return ((coords[None] - centre[:, None, None]) ** 2).sum(-1).to(logits.dtype)
+
+
+def _within_mask(values: Tensor, logits: Tensor) -> Tensor:
+    """(B, h, w) ``p * (values - mean_p values)``, p = sigmoid of the (detached) mask ``logits``."""
+    p = torch.sigmoid(logits.detach().float())
+    v = values.float()
+    mean = (p * v).sum(dim=(1, 2), keepdim=True) / p.sum(dim=(1, 2), keepdim=True).clamp(min=1e-6)
+    return (p * (v - mean)).to(values.dtype)
 
 
 def soft_iou(logits: Tensor) -> Tensor:
