@@ -73,8 +73,8 @@ def test_one_pair_at_the_text_length_runs_the_fixed_shape_model_and_the_rest_a_d
     assert torch.equal(again(*pair).mask_logits, compiled(*pair).mask_logits) and written == []
 
 
-def test_openvino_converts_coordinate_features_and_the_anchor_point():
-    model = tiny_model(coord_features=True, anchor_point=True).eval()
+def test_openvino_converts_coordinate_features_and_the_gated_anchor_point():
+    model = tiny_model(coord_features=True, anchor_point=True, anchor_gated=True).eval()
     with torch.no_grad():  # trained weights: the map and the anchor point's weight are not zero
         model.decoder.coord_proj.weight.normal_()
         model.decoder.bowl_mlp[-1].weight.normal_(std=0.1)
