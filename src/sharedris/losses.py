@@ -7,10 +7,10 @@ the loop logs as it finds them. A new head adds its output field, its term here 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
-
-from typing import NamedTuple
 
 from sharedris.modeling.segmenter import SegmenterOutput
 

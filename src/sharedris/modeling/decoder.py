@@ -43,8 +43,8 @@ class DecoderConfig:
             the triangle", the triangle) with a second mask embedding over the same pixel features;
             that mask's centre of mass (its pixel probabilities as weights) is a point, and the mask
             logit gains ``16 * a * d^2``, d the distance of each pixel from the point (coordinates
-            in [-1, 1] across the map) and a a signed number from the query (starting at zero:
-            positive for "farthest", negative for "closest"). Training supervises the anchor's mask
+            in [-1, 1] across the map) and a a signed number from the query (starting at zero; a
+            positive a ranks the farthest pixels first, a negative one the closest). Training supervises the anchor's mask
             where the data names an anchor (:attr:`SegmenterOutput.anchor_logits`), so the point is
             learned by itself rather than only through the ranking it serves. Off in the
             paper-sized models.
