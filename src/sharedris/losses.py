@@ -1,4 +1,5 @@
-"""Training loss of Shared-RIS: one term per model output (today the mask: weighted BCE plus soft Dice).
+"""Training loss of Shared-RIS: one term per model output (the mask: weighted BCE plus soft Dice; the
+presence, IoU and anchor heads), and optionally a ranking of a relation's candidates by the mask.
 
 :func:`referring_loss` is what the training loop calls; its keyword arguments are the fields of
 ``LossConfig`` (the training config's ``loss`` section), and it returns every term by name, which
